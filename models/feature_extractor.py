@@ -1,0 +1,103 @@
+"""Three-stage features from a torchvision network: the frozen teacher and the ST student alike.
+
+The network comes from torchvision's own builder; ``IntermediateLayerGetter`` drops everything
+after the third stage, and the remaining children are grouped into three stages so a caller can
+act between them (the ST student fuses recalled memory there). No network code is copied.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+from torchvision import models
+from torchvision.models._utils import IntermediateLayerGetter
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """How to build one backbone and where its three stages end."""
+
+    builder: Callable[..., nn.Module]
+    weights: models.WeightsEnum  # pinned exactly: the weights the papers used, never DEFAULT
+    body: str  # attribute that holds the layers ("" = the network itself)
+    stage_ends: tuple[str, str, str]  # child names that end stage 1, 2, 3 (strides 4, 8, 16)
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "resnet18": BackboneSpec(models.resnet18, models.ResNet18_Weights.IMAGENET1K_V1, "", ("layer1", "layer2", "layer3")),
+    "resnet34": BackboneSpec(models.resnet34, models.ResNet34_Weights.IMAGENET1K_V1, "", ("layer1", "layer2", "layer3")),
+    "resnet50": BackboneSpec(models.resnet50, models.ResNet50_Weights.IMAGENET1K_V1, "", ("layer1", "layer2", "layer3")),
+    "wide_resnet50_2": BackboneSpec(models.wide_resnet50_2, models.Wide_ResNet50_2_Weights.IMAGENET1K_V1, "",
+                                    ("layer1", "layer2", "layer3")),
+    # MobileNetV2's inverted-residual blocks 3, 6 and 13 are the last ones at strides 4, 8 and 16.
+    "mobilenet_v2": BackboneSpec(models.mobilenet_v2, models.MobileNet_V2_Weights.IMAGENET1K_V1, "features",
+                                 ("3", "6", "13")),
+}
+
+
+def build_network(backbone: str, state_dict: Mapping[str, Tensor] | None = None) -> nn.Module:
+    """The full torchvision network, randomly initialised or loaded from ``state_dict``.
+
+    ``state_dict`` may lack the classification head; every other key must be present and fit.
+    """
+    network = BACKBONES[backbone].builder(weights=None)
+    if state_dict is not None:
+        result = network.load_state_dict(state_dict, strict=False)
+        missing = [k for k in result.missing_keys if not _is_head(k)]
+        if missing or result.unexpected_keys:
+            raise ValueError(f"missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
+    return network
+
+
+def _is_head(key: str) -> bool:
+    return key.startswith(("fc.", "classifier."))
+
+
+class FeatureExtractor(nn.Module):
+    """A torchvision backbone cut after its third stage, returning the output of each stage.
+
+    ``frozen=True`` makes the teacher: no gradients, and eval mode that survives a parent's
+    ``.train()`` (BatchNorm statistics of an ImageNet teacher must never move).
+    """
+
+    def __init__(self, backbone: str, state_dict: Mapping[str, Tensor] | None = None, frozen: bool = False):
+        super().__init__()
+        if backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {backbone!r}; known: {', '.join(BACKBONES)}")
+        spec = BACKBONES[backbone]
+        network = build_network(backbone, state_dict)
+        body = network.get_submodule(spec.body) if spec.body else network
+        kept = IntermediateLayerGetter(body, return_layers={name: name for name in spec.stage_ends})
+        stages, current = [], []
+        for name, child in kept.named_children():
+            current.append(child)
+            if name in spec.stage_ends:
+                stages.append(nn.Sequential(*current))
+                current = []
+        self.stages = nn.ModuleList(stages)
+        self.backbone = backbone
+        self.frozen = frozen
+        with torch.no_grad():  # channel counts, read off the network rather than tabulated
+            self.channels = tuple(f.shape[1] for f in self.forward(torch.zeros(1, 3, 64, 64)))
+        if frozen:
+            self.requires_grad_(False)
+            self.eval()
+
+    def train(self, mode: bool = True) -> "FeatureExtractor":
+        return super().train(mode and not self.frozen)
+
+    def forward(self, images: Tensor, between: Callable[[int, Tensor], Tensor] | None = None) -> list[Tensor]:
+        """Features after stages 1, 2, 3 (strides 4, 8, 16).
+
+        ``between(i, feature)``, if given, transforms the output of stage ``i`` (0 or 1) before it
+        enters the next stage; the returned features are the stages' own outputs.
+        """
+        features, x = [], images
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            features.append(x)
+            if between is not None and i < len(self.stages) - 1:
+                x = between(i, x)
+        return features

@@ -1,0 +1,90 @@
+"""MemKD: teacher, student and NR memories behind the small interface the engine uses.
+
+The engine only calls :meth:`MemKD.trainable_parameters`, :meth:`MemKD.set_exemplars`,
+:meth:`MemKD.loss` and :meth:`MemKD.anomaly_map`; whether the student is STPM's network or
+RD4AD's decoder, and whether it has memories, is decided when the student is built.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from models.anomaly_map import distance_map, gaussian_blur
+from models.feature_extractor import FeatureExtractor
+from models.losses import distillation_loss, normality_embedding_loss, orthogonality_loss
+from models.memory import normalised_entropy
+
+
+class MemKD(nn.Module):
+    """A frozen teacher, a student (``STStudent`` or ``RDStudent``), and the loss weights.
+
+    ``student`` must take ``(images, teacher_features)``, return a ``StudentOutput``, and expose
+    ``memories`` (a ModuleList of MemoryFusion, empty for the baseline) with ``memory_targets``,
+    the teacher stage each memory's values learn to rebuild.
+    """
+
+    def __init__(self, teacher: FeatureExtractor, student: nn.Module, lambda1: float, lambda2: float,
+                 sigma: float, teacher_description: str = ""):
+        super().__init__()
+        self.teacher = teacher
+        self.student = student
+        self.lambda1, self.lambda2, self.sigma = lambda1, lambda2, sigma
+        self.teacher_description = teacher_description
+        self._exemplar_features: list[Tensor] = []
+
+    @property
+    def has_memory(self) -> bool:
+        return len(self.student.memories) > 0
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Everything that trains: the student, its bottleneck and memories. Never the teacher."""
+        return [p for p in self.student.parameters() if p.requires_grad]
+
+    @torch.no_grad()
+    def set_exemplars(self, images: Tensor) -> None:
+        """Fix the exemplar set: its teacher features, computed once (the teacher never changes)."""
+        if not self.has_memory:
+            return
+        features = self.teacher(images)
+        self._exemplar_features = [features[t] for t in self.student.memory_targets]
+
+    def loss(self, images: Tensor) -> dict[str, Tensor]:
+        """Losses on a batch of normal images: ``loss`` to minimise, plus detached terms to log.
+
+        loss = L_KD + lambda1 * L_NM + lambda2 * L_Orth (the last two only with memory).
+        """
+        with torch.no_grad():
+            teacher = self.teacher(images)
+        student = self.student(images, teacher)
+        kd = distillation_loss(student.features, teacher)
+        terms = {"kd": kd}
+        total = kd
+        if self.has_memory:
+            if not self._exemplar_features:
+                raise RuntimeError("set_exemplars() must be called before training a model with memory")
+            nm, orth, exemplar_entropy = [], [], []
+            for fusion, target in zip(self.student.memories, self._exemplar_features):
+                rebuilt, weights = fusion.memory.rebuild(target)
+                nm.append(normality_embedding_loss(rebuilt, target))
+                orth.append(orthogonality_loss(fusion.memory.keys, fusion.memory.values))
+                exemplar_entropy.append(normalised_entropy(weights.detach()))
+            terms["nm"] = torch.stack(nm).mean()
+            terms["orth"] = torch.stack(orth).mean()
+            total = kd + self.lambda1 * terms["nm"] + self.lambda2 * terms["orth"]
+            terms["recall_entropy"] = torch.stack([normalised_entropy(w.detach()) for w in student.recall_weights]).mean()
+            terms["exemplar_entropy"] = torch.stack(exemplar_entropy).mean()
+        logs = {name: value.detach() for name, value in terms.items()}
+        return {"loss": total, **logs}
+
+    @torch.no_grad()
+    def distillation_error(self, images: Tensor) -> Tensor:
+        """L_KD on a batch, for model selection on held-out normal images."""
+        teacher = self.teacher(images)
+        return distillation_loss(self.student(images, teacher).features, teacher)
+
+    @torch.no_grad()
+    def anomaly_map(self, images: Tensor) -> Tensor:
+        """Anomaly maps [B, H, W] at image resolution: summed per-layer 1 - cosine, Gaussian-smoothed."""
+        teacher = self.teacher(images)
+        student = self.student(images, teacher).features
+        return gaussian_blur(distance_map(student, teacher, images.shape[-1]), self.sigma)

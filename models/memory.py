@@ -1,0 +1,78 @@
+"""The Normality Recall (NR) memory: L learnable key/value pairs that store normal features."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def normalised_entropy(weights: Tensor) -> Tensor:
+    """Mean entropy of addressing weights [..., L] divided by log(L): 1 = uniform, 0 = one slot.
+
+    A memory whose weights sit near 1 does not select anything: every query reads the same mix.
+    """
+    slots = weights.shape[-1]
+    if slots == 1:
+        return weights.new_zeros(())
+    entropy = -(weights * weights.clamp_min(1e-12).log()).sum(-1)
+    return entropy.mean() / math.log(slots)
+
+
+class NormalityMemory(nn.Module):
+    """L keys and L values of C channels, both trained.
+
+    Student features address the keys and read back a mix of values (:meth:`recall`); exemplar
+    teacher features address the values themselves and must be rebuilt from them
+    (:meth:`rebuild`), which is how the values learn what normal features look like.
+    Addressing is a softmax over cosine similarity divided by ``temperature``: cosine lies in
+    [-1, 1], so without a small temperature the weights are nearly uniform for any L.
+    """
+
+    def __init__(self, channels: int, slots: int, temperature: float):
+        super().__init__()
+        self.keys = nn.Parameter(torch.randn(slots, channels))
+        self.values = nn.Parameter(torch.randn(slots, channels))
+        self.temperature = temperature
+
+    def address(self, queries: Tensor, rows: Tensor) -> Tensor:
+        """Softmax weights [P, L] of P queries [P, C] over the memory ``rows`` [L, C]."""
+        # In float32 even under autocast: with a small temperature, bfloat16 rounding of the
+        # cosines would visibly change which slots are read.
+        with torch.autocast(queries.device.type, enabled=False):
+            similarity = F.normalize(queries.float(), dim=1) @ F.normalize(rows.float(), dim=1).t()
+            return torch.softmax(similarity / self.temperature, dim=1)
+
+    def _read(self, features: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+        b, c, h, w = features.shape
+        queries = features.permute(0, 2, 3, 1).reshape(-1, c)
+        weights = self.address(queries, rows)
+        read = (weights @ self.values.float()).reshape(b, h, w, c).permute(0, 3, 1, 2)
+        return read, weights
+
+    def recall(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        """Normal features recalled for ``features`` [B, C, H, W] through the keys, and the weights [BHW, L]."""
+        return self._read(features, self.keys)
+
+    def rebuild(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        """``features`` [B, C, H, W] rebuilt as a mix of values addressed by the values, and the weights."""
+        return self._read(features, self.values)
+
+
+class MemoryFusion(nn.Module):
+    """Reads a NormalityMemory with a feature map and fuses the recalled normal feature back in.
+
+    The concatenation [feature, recalled] goes through a 1x1 conv back to C channels, so the next
+    network stage receives a tensor of the shape it was built for.
+    """
+
+    def __init__(self, channels: int, slots: int, temperature: float):
+        super().__init__()
+        self.memory = NormalityMemory(channels, slots, temperature)
+        self.fuse = nn.Sequential(nn.Conv2d(2 * channels, channels, 1, bias=False),
+                                  nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
+
+    def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        recalled, weights = self.memory.recall(features)
+        return self.fuse(torch.cat([features, recalled.to(features.dtype)], dim=1)), weights

@@ -1,0 +1,80 @@
+"""Where the teacher's ImageNet weights come from, and a plain statement of which ones were used."""
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import Tensor
+
+from models.feature_extractor import BACKBONES, build_network
+from utils.errors import UserError
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_state_dict(path: Path) -> dict[str, Tensor]:
+    """A state_dict from a file, unwrapped from {'state_dict': ...}/{'model': ...} and 'module.' prefixes."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a corrupt or foreign file
+        raise UserError(f"cannot read teacher weights {path} ({type(e).__name__}); "
+                        "give a state_dict saved with torch.save(model.state_dict(), path)") from None
+    for wrapper in ("state_dict", "model"):
+        if isinstance(data, dict) and isinstance(data.get(wrapper), dict):
+            data = data[wrapper]
+    if not isinstance(data, dict) or not all(isinstance(v, Tensor) for v in data.values()):
+        raise UserError(f"teacher weights {path} hold no state_dict; save one with torch.save(model.state_dict(), path)")
+    return {k.removeprefix("module."): v for k, v in data.items()}
+
+
+def resolve_teacher_weights(backbone: str, pretrained: bool, teacher_weights: str | None,
+                            fallback_to_random: bool, url: str | None = None,
+                            model_dir: str | None = None) -> tuple[Mapping[str, Tensor] | None, str]:
+    """The teacher's state_dict (None = random init) and a sentence saying which weights these are.
+
+    Order: a local ``teacher_weights`` file; else torchvision's pinned IMAGENET1K_V1 weights when
+    ``pretrained`` (downloaded once into torch's hub cache, hash-checked); else random init.
+    ``url``/``model_dir`` replace torchvision's address and cache folder (tests use a loopback server).
+    Raises UserError when the weights cannot be had, unless ``fallback_to_random``.
+    """
+    spec = BACKBONES[backbone]
+    if teacher_weights:
+        path = Path(teacher_weights).expanduser()
+        if not path.is_file():
+            raise UserError(f"model.teacher_weights file {path} does not exist; give the path of a {backbone} state_dict")
+        state = read_state_dict(path)
+        try:
+            build_network(backbone, state)
+        except (ValueError, RuntimeError) as e:
+            first = str(e).strip().splitlines()[0][:200]
+            raise UserError(f"model.teacher_weights {path} does not fit backbone {backbone} ({first}); "
+                            f"give {backbone} weights or set model.backbone to the file's architecture") from None
+        return state, f"local file {path} (sha256 {sha256_of(path)[:16]})"
+    if not pretrained:
+        return None, "random init (model.pretrained=false): not an ImageNet teacher"
+    name = f"torchvision {type(spec.weights).__name__}.{spec.weights.name}"
+    url = url or spec.weights.url
+    try:
+        state = torch.hub.load_state_dict_from_url(url, model_dir=model_dir, map_location="cpu",
+                                                   progress=True, check_hash=True)
+    except Exception as e:  # URLError, timeouts, hash mismatch: all mean "no weights here"
+        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:120]}" if str(e).strip() else type(e).__name__
+        if fallback_to_random:
+            message = (f"could not get {name} ({reason}); using a RANDOM teacher because "
+                       "model.fallback_to_random=true: scores show the pipeline works, not the method's quality")
+            print(f"warning: {message}", file=sys.stderr)
+            return None, "random init (ImageNet weights unavailable, model.fallback_to_random=true)"
+        file_name = url.rsplit("/", 1)[-1]
+        raise UserError(f"cannot download {name} from {url} ({reason}); without internet, copy {file_name} here "
+                        f"and set model.teacher_weights=/path/to/{file_name}, or put it in torch's hub cache "
+                        f"({torch.hub.get_dir()}/checkpoints)") from None
+    return state, name

@@ -1,0 +1,208 @@
+"""Networks, memory, losses and anomaly maps: the method's math, checked piece by piece."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from scipy.ndimage import gaussian_filter
+
+from models import build_model
+from models.anomaly_map import distance_map, gaussian_blur, image_scores
+from models.feature_extractor import BACKBONES, FeatureExtractor
+from models.losses import distillation_loss, normality_embedding_loss, orthogonality_loss
+from models.memory import NormalityMemory, normalised_entropy
+from utils.config import load_config
+
+torch.set_num_threads(2)
+
+EXPECTED_CHANNELS = {"resnet18": (64, 128, 256), "resnet34": (64, 128, 256), "resnet50": (256, 512, 1024),
+                     "wide_resnet50_2": (256, 512, 1024), "mobilenet_v2": (24, 32, 96)}
+
+
+def config_for(method, **overrides):
+    args = ["model.pretrained=false", "model.backbone=resnet18", *[f"{k}={v}" for k, v in overrides.items()]]
+    return load_config(method, args)
+
+
+@pytest.mark.parametrize("backbone", sorted(BACKBONES))
+def test_feature_shapes_and_strides(backbone):
+    extractor = FeatureExtractor(backbone, frozen=True)
+    features = extractor(torch.randn(1, 3, 64, 64))
+    assert tuple(f.shape[1] for f in features) == EXPECTED_CHANNELS[backbone] == extractor.channels
+    assert [f.shape[-1] for f in features] == [16, 8, 4]  # strides 4, 8, 16
+
+
+def test_teacher_stays_frozen_and_in_eval_mode():
+    model = build_model("st", config_for("st"))
+    model.train()
+    assert not model.teacher.training and all(not m.training for m in model.teacher.modules())
+    assert model.student.training
+    assert all(not p.requires_grad for p in model.teacher.parameters())
+    teacher_ids = {id(p) for p in model.teacher.parameters()}
+    assert not teacher_ids & {id(p) for p in model.trainable_parameters()}
+
+
+def test_teacher_loads_a_state_dict_without_head():
+    network_state = {k: v for k, v in torchvision.models.resnet18().state_dict().items() if not k.startswith("fc.")}
+    teacher = FeatureExtractor("resnet18", network_state, frozen=True)
+    assert torch.equal(teacher.stages[0][0].weight, network_state["conv1.weight"])
+    assert torch.equal(teacher.stages[2][0][0].conv1.weight, network_state["layer3.0.conv1.weight"])
+
+
+def test_memory_parameters_train_and_are_saved():
+    model = build_model("st", config_for("st"))
+    names = dict(model.student.named_parameters())
+    for memory_param in ("memories.0.memory.keys", "memories.0.memory.values", "memories.1.memory.values"):
+        assert memory_param in names and names[memory_param].requires_grad
+        assert memory_param in model.student.state_dict()
+    model.set_exemplars(torch.randn(2, 3, 64, 64))
+    model.loss(torch.randn(2, 3, 64, 64))["loss"].backward()
+    assert names["memories.0.memory.keys"].grad.abs().sum() > 0
+    assert names["memories.0.memory.values"].grad.abs().sum() > 0
+
+
+def test_recall_is_the_softmax_weighted_mix_of_values():
+    memory = NormalityMemory(channels=4, slots=3, temperature=0.5)
+    features = torch.randn(2, 4, 3, 5)
+    recalled, weights = memory.recall(features)
+    query = features[1, :, 2, 4]
+    cos = F.cosine_similarity(query[None], memory.keys, dim=1)
+    expected_weights = torch.softmax(cos / 0.5, dim=0)
+    position = 1 * 15 + 2 * 5 + 4  # row of (b=1, y=2, x=4) in the flattened batch
+    assert torch.allclose(weights[position], expected_weights, atol=1e-6)
+    assert torch.allclose(recalled[1, :, 2, 4], expected_weights @ memory.values, atol=1e-5)
+    assert torch.allclose(weights.sum(1), torch.ones(len(weights)))
+
+
+def test_rebuild_addresses_the_values_not_the_keys():
+    memory = NormalityMemory(channels=8, slots=5, temperature=0.01)
+    target = memory.values.detach()[2].view(1, 8, 1, 1) * 3.0  # a scaled copy of value 2
+    rebuilt, weights = memory.rebuild(target)
+    assert weights[0].argmax() == 2 and weights[0, 2] > 0.99
+    assert normality_embedding_loss(rebuilt, target) < 1e-3
+
+
+def test_small_temperature_selects_and_temperature_one_does_not():
+    torch.manual_seed(0)
+    features = torch.randn(4, 64, 8, 8)
+    selective = NormalityMemory(64, 50, temperature=0.05)
+    uniform = NormalityMemory(64, 50, temperature=1.0)
+    uniform.load_state_dict(selective.state_dict())
+    assert normalised_entropy(uniform.recall(features)[1]) > 0.99
+    assert normalised_entropy(selective.recall(features)[1]) < 0.9
+
+
+def test_normalised_entropy_bounds():
+    assert normalised_entropy(torch.full((3, 10), 0.1)) == pytest.approx(1.0)
+    assert normalised_entropy(F.one_hot(torch.tensor([1, 4]), 10).float()) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_distillation_loss_is_one_minus_cosine_and_scale_free():
+    s = [torch.randn(2, 8, 4, 4), torch.randn(2, 8, 2, 2)]
+    t = [torch.randn(2, 8, 4, 4), torch.randn(2, 8, 2, 2)]
+    expected = sum((1 - F.cosine_similarity(a, b, dim=1)).mean() for a, b in zip(s, t))
+    assert torch.allclose(distillation_loss(s, t), expected)
+    assert distillation_loss(t, t) < 1e-6
+    # Repeating the batch or upsampling both maps changes nothing: a mean, not a sum.
+    doubled = distillation_loss([torch.cat([a, a]) for a in s], [torch.cat([b, b]) for b in t])
+    assert torch.allclose(doubled, expected, atol=1e-6)
+    bigger = distillation_loss([a.repeat_interleave(2, -1).repeat_interleave(2, -2) for a in s],
+                               [b.repeat_interleave(2, -1).repeat_interleave(2, -2) for b in t])
+    assert torch.allclose(bigger, expected, atol=1e-6)
+
+
+def test_normality_embedding_loss_compares_directions():
+    target = torch.randn(2, 6, 3, 3)
+    assert normality_embedding_loss(5 * target, target) < 1e-10
+    assert normality_embedding_loss(-target, target) == pytest.approx(4.0)
+    expected = (F.normalize(target.flip(0), dim=1) - F.normalize(target, dim=1)).pow(2).sum(1).mean()
+    assert torch.allclose(normality_embedding_loss(target.flip(0), target), expected)
+
+
+def test_orthogonality_loss_is_zero_only_when_orthogonal_and_never_rewards_anticorrelation():
+    eye = torch.eye(6)
+    keys, values = eye[:3], eye[3:]
+    assert orthogonality_loss(keys, values) == 0
+    assert orthogonality_loss(keys, keys) > 0
+    assert orthogonality_loss(keys, -keys) == orthogonality_loss(keys, keys)
+    random_keys, random_values = torch.randn(5, 6), torch.randn(5, 6)
+    assert orthogonality_loss(random_keys, random_values) > 0
+
+
+def test_lambda2_changes_the_loss_and_lambda1_does_not_stand_in_for_it():
+    images, exemplars = torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64)
+    totals = {}
+    for l1, l2 in [(1.0, 0.0), (1.0, 5.0), (3.0, 0.0)]:
+        model = build_model("rd", config_for("rd", **{"loss.lambda1": l1, "loss.lambda2": l2}))
+        model.set_exemplars(exemplars)
+        losses = model.loss(images)
+        totals[(l1, l2)] = losses
+        assert torch.allclose(losses["loss"], losses["kd"] + l1 * losses["nm"] + l2 * losses["orth"], atol=1e-5)
+    assert totals[(1.0, 5.0)]["loss"] > totals[(1.0, 0.0)]["loss"]
+    assert torch.allclose(totals[(1.0, 0.0)]["orth"], totals[(1.0, 5.0)]["orth"])
+
+
+@pytest.mark.parametrize("method", ["st", "rd"])
+def test_memory_off_is_the_plain_baseline(method):
+    model = build_model(method, config_for(method, **{"memory.enabled": "false"}))
+    assert len(model.student.memories) == 0
+    losses = model.loss(torch.randn(2, 3, 64, 64))
+    assert set(losses) == {"loss", "kd"} and torch.equal(losses["loss"], losses["kd"])
+
+
+@pytest.mark.parametrize("method", ["st", "rd"])
+def test_each_memory_lives_in_the_space_of_its_teacher_stage(method):
+    model = build_model(method, config_for(method))
+    images = torch.randn(2, 3, 64, 64)
+    teacher = model.teacher(images)
+    queried = []
+    hooks = [m.register_forward_hook(lambda mod, inp, out: queried.append(inp[0].shape))
+             for m in model.student.memories]
+    model.student(images, teacher)
+    for h in hooks:
+        h.remove()
+    assert [teacher[t].shape for t in model.student.memory_targets] == queried
+    for fusion, target in zip(model.student.memories, model.student.memory_targets):
+        assert fusion.memory.values.shape[1] == teacher[target].shape[1]
+
+
+@pytest.mark.parametrize("method", ["st", "rd"])
+def test_student_features_match_teacher_shapes(method):
+    model = build_model(method, config_for(method, **{"model.backbone": "mobilenet_v2"}))
+    images = torch.randn(2, 3, 64, 64)
+    teacher = model.teacher(images)
+    student = model.student(images, teacher).features
+    assert [s.shape for s in student] == [t.shape for t in teacher]
+
+
+def test_distance_map_sums_upsampled_layers():
+    t = [torch.randn(1, 4, 8, 8), torch.randn(1, 4, 4, 4)]
+    s = [t[0].clone(), -t[1]]  # layer 1 agrees everywhere, layer 2 is opposite everywhere
+    maps = distance_map(s, t, 32)
+    assert maps.shape == (1, 32, 32)
+    assert torch.allclose(maps, torch.full_like(maps, 2.0), atol=1e-5)
+
+
+def test_gaussian_blur_matches_scipy_and_runs_batched():
+    maps = torch.rand(3, 40, 50)
+    ours = gaussian_blur(maps, 4.0).numpy()
+    reference = np.stack([gaussian_filter(m, 4.0, mode="mirror", truncate=4.0) for m in maps.numpy()])
+    assert np.abs(ours - reference).max() < 1e-5
+    assert torch.equal(gaussian_blur(maps, 0.0), maps)
+
+
+def test_anomaly_map_is_image_sized_and_scores_are_maxima():
+    model = build_model("st", config_for("st"))
+    model.eval()
+    maps = model.anomaly_map(torch.randn(3, 3, 64, 64))
+    assert maps.shape == (3, 64, 64) and torch.isfinite(maps).all()
+    assert torch.equal(image_scores(maps), maps.flatten(1).max(1).values)
+
+
+def test_same_seed_builds_the_same_model():
+    a = build_model("st", config_for("st")).state_dict()
+    b = build_model("st", config_for("st")).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert math.isfinite(float(sum(v.float().sum() for v in a.values())))
