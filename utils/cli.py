@@ -1,0 +1,69 @@
+"""Command-line entry shared by trainRM_ST.py and trainRM_RD.py."""
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+from utils.config import SCHEMA, load_config
+from utils.errors import UserError
+
+USAGE = """usage: python {script} [override.yaml ...] [section.key=value ...] [--debug]
+
+Reads config.yaml (and the override files, in order), then applies key=value overrides.
+Example: python {script} data.category=bottle train.epochs=10 memory.enabled=false
+Keys:
+{keys}"""
+
+
+def _usage(method: str) -> str:
+    keys = "\n".join(f"  {key:<26} {spec.doc}" for key, spec in SCHEMA.items())
+    return USAGE.format(script=f"trainRM_{method.upper()}.py", keys=keys)
+
+
+def main(method: str, argv: Sequence[str]) -> int:
+    """Run one category or all of them, print the table, name the results file; return the exit code.
+
+    A UserError becomes one line on stderr and exit code 2 (``--debug`` shows the traceback).
+    """
+    argv = list(argv)
+    if "-h" in argv or "--help" in argv:
+        print(_usage(method))
+        return 0
+    debug = "--debug" in argv
+    args = [a for a in argv if a != "--debug"]
+    try:
+        return _run(method, args)
+    except UserError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to continue from the last finished epoch", file=sys.stderr)
+        return 130
+
+
+def _run(method: str, args: list[str]) -> int:
+    # Imported here so that `--help` and config errors answer at once, before torch loads.
+    from datasets import list_categories
+    from models import method_name
+    from utils.engine import method_directory, run_category
+    from utils.io import write_json
+    from utils.report import format_table, mean_row
+
+    config = load_config(method, args)
+    sweep = config["data.category"] == "all"
+    categories = list_categories(config["data.dataset"], config["data.root"]) if sweep else [config["data.category"]]
+    results = [run_category(method, config, category) for category in categories]
+    name = method_name(method, config["memory.enabled"])
+    print()
+    print(format_table(f"{name} on {config['data.dataset']} ({config['model.backbone']}, "
+                       f"{config['data.image_size']} px)", results, with_mean=sweep))
+    if sweep:
+        summary = method_directory(config, method) / "summary.json"
+        write_json(summary, {"method": name, "dataset": config["data.dataset"], "categories": results,
+                             "mean": mean_row(results)})
+        print(f"summary: {summary}")
+    else:
+        print(f"results: {results[0]['results_path']}")
+    return 0
