@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 from utils.config import SCHEMA, load_config
 from utils.errors import UserError
@@ -43,18 +43,28 @@ def main(method: str, argv: Sequence[str]) -> int:
         return 130
 
 
+def run_categories(method: str, config: dict[str, Any]) -> list[dict[str, Any]]:
+    """Run the configured category, or every category of the dataset for ``data.category=all``."""
+    from datasets import list_categories
+    from utils.engine import run_category
+
+    if config["data.category"] == "all":
+        categories = list_categories(config["data.dataset"], config["data.root"])
+    else:
+        categories = [config["data.category"]]
+    return [run_category(method, config, category) for category in categories]
+
+
 def _run(method: str, args: list[str]) -> int:
     # Imported here so that `--help` and config errors answer at once, before torch loads.
-    from datasets import list_categories
     from models import method_name
-    from utils.engine import method_directory, run_category
+    from utils.engine import method_directory
     from utils.io import write_json
     from utils.report import format_table, mean_row
 
     config = load_config(method, args)
     sweep = config["data.category"] == "all"
-    categories = list_categories(config["data.dataset"], config["data.root"]) if sweep else [config["data.category"]]
-    results = [run_category(method, config, category) for category in categories]
+    results = run_categories(method, config)
     name = method_name(method, config["memory.enabled"])
     print()
     print(format_table(f"{name} on {config['data.dataset']} ({config['model.backbone']}, "

@@ -153,6 +153,12 @@ def _coerce(key: str, value: Any) -> Any:
         if spec.nullable:
             return None
         raise UserError(f"config key '{key}' must not be empty; give {_TYPE_NAMES[spec.type]}")
+    if spec.type is float and isinstance(value, str):
+        # YAML 1.1 reads 1e-3 (no dot) as a string; Python reads it as the number the user meant.
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     if spec.type is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if spec.type is str and isinstance(value, int) and not isinstance(value, bool):

@@ -155,7 +155,7 @@ def train(model: MemKD, method: str, splits: Any, config: dict[str, Any], run_di
         loader = _loader(splits.train, config["train.batch_size"], config, device, generator)
         sums: dict[str, float] = {}
         steps = 0
-        for step, batch in enumerate(tqdm(loader, desc=f"epoch {epoch}/{epochs}", leave=False), start=1):
+        for step, batch in enumerate(tqdm(loader, desc=f"epoch {epoch}/{epochs}", leave=False, disable=None), start=1):
             images = batch["image"].to(device, non_blocking=True)
             with _autocast(config, device):
                 losses = model.loss(images)
@@ -168,7 +168,7 @@ def train(model: MemKD, method: str, splits: Any, config: dict[str, Any], run_di
             losses["loss"].backward()
             optimizer.step()
             for name, value in losses.items():
-                sums[name] = sums.get(name, 0.0) + float(value)
+                sums[name] = sums.get(name, 0.0) + float(value.detach())
             steps += 1
         scheduler.step()
 
@@ -199,7 +199,7 @@ def anomaly_maps(model: MemKD, dataset: Dataset, config: dict[str, Any], device:
     model.eval()
     maps, masks, labels, has_mask = [], [], [], []
     with _autocast(config, device):
-        for batch in tqdm(_loader(dataset, config["eval.batch_size"], config, device), desc=desc, leave=False):
+        for batch in tqdm(_loader(dataset, config["eval.batch_size"], config, device), desc=desc, leave=False, disable=None):
             maps.append(model.anomaly_map(batch["image"].to(device, non_blocking=True)).float().cpu())
             masks.append(batch["mask"][:, 0])
             labels.append(torch.as_tensor(batch["label"]))

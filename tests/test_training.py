@@ -1,0 +1,92 @@
+"""End to end: both scripts train and evaluate on a generated MVTec-layout folder."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.fixtures import make_mvtec_folder
+from utils.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULT_FIELDS = {"method", "backbone", "teacher_weights", "dataset", "category", "memory_enabled", "image_auroc",
+                 "pixel_auroc", "epochs", "image_size", "seed", "train_seconds", "eval_seconds"}
+
+
+def small_run(data_root: Path, out: Path, *extra: str) -> list[str]:
+    return ["data.dataset=mvtec", f"data.root={data_root}", "data.category=widget", "data.image_size=64",
+            "data.num_workers=0", "data.val_fraction=0.25", "model.backbone=resnet18", "model.pretrained=false",
+            "train.epochs=2", "train.batch_size=4", "eval.batch_size=4", "memory.exemplars=2", f"output.dir={out}",
+            *extra]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return make_mvtec_folder(tmp_path_factory.mktemp("mvtec"), "widget", n_train=8, n_good_test=3, n_defect=3)
+
+
+@pytest.mark.parametrize("script, folder", [("trainRM_ST.py", "memkd-st"), ("trainRM_RD.py", "memkd-rd")])
+def test_each_script_trains_two_epochs_and_writes_results(script, folder, data_root, tmp_path):
+    result = subprocess.run([sys.executable, script, *small_run(data_root, tmp_path)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    results_path = tmp_path / folder / "mvtec" / "widget" / "results.json"
+    assert result.stdout.strip().splitlines()[-1] == f"results: {results_path}"
+    results = json.loads(results_path.read_text())
+    assert RESULT_FIELDS <= set(results)
+    assert results["dataset"] == "mvtec" and results["category"] == "widget" and results["epochs"] == 2
+    assert results["memory_enabled"] is True and "random init" in results["teacher_weights"]
+    assert 0 <= results["image_auroc"] <= 1 and 0 <= results["pixel_auroc"] <= 1
+    assert 0 <= results["recall_entropy"] <= 1 and 0 <= results["exemplar_entropy"] <= 1
+    assert "I-AUROC" in result.stdout and "teacher resnet18: random init" in result.stdout
+    for name in ("best.pt", "last.pt", "history.json"):
+        assert (results_path.parent / name).is_file()
+
+
+def test_phase_test_reloads_best_and_reproduces_scores_exactly(data_root, tmp_path):
+    assert main("st", small_run(data_root, tmp_path)) == 0
+    run_dir = tmp_path / "memkd-st" / "mvtec" / "widget"
+    trained = json.loads((run_dir / "results.json").read_text())
+    best = torch.load(run_dir / "best.pt", weights_only=True)
+    assert best["config"]["train.epochs"] == 2 and best["config"]["memory.slots"] == 50  # resolved config inside
+    assert any(k.startswith("memories.0.memory.keys") for k in best["student"])
+    assert main("st", small_run(data_root, tmp_path, "phase=test")) == 0
+    tested = json.loads((run_dir / "results.json").read_text())
+    for key in ("image_auroc", "pixel_auroc", "pixel_aupro", "image_f1_max", "normal_threshold"):
+        assert tested[key] == trained[key], key
+
+
+def test_memory_off_trains_the_baseline_into_its_own_folder(data_root, tmp_path):
+    assert main("rd", small_run(data_root, tmp_path, "memory.enabled=false", "train.epochs=1")) == 0
+    results = json.loads((tmp_path / "rd4ad" / "mvtec" / "widget" / "results.json").read_text())
+    assert results["method"] == "RD4AD" and results["memory_enabled"] is False
+    assert results["recall_entropy"] is None
+
+
+def test_a_checkpoint_that_does_not_fit_is_refused(data_root, tmp_path, capsys):
+    assert main("st", small_run(data_root, tmp_path, "train.epochs=1")) == 0
+    capsys.readouterr()
+    assert main("st", small_run(data_root, tmp_path, "train.epochs=1", "phase=test", "memory.slots=7")) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: checkpoint") and "memory.slots=50 (checkpoint) vs 7 (now)" in error
+    assert "\n" not in error
+
+
+def test_rerunning_a_finished_run_skips_it(data_root, tmp_path, capsys):
+    args = small_run(data_root, tmp_path, "train.epochs=1", "memory.enabled=false")
+    assert main("st", args) == 0
+    stamp = (tmp_path / "stpm" / "mvtec" / "widget" / "best.pt").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main("st", args) == 0
+    assert "already finished" in capsys.readouterr().out
+    assert (tmp_path / "stpm" / "mvtec" / "widget" / "best.pt").stat().st_mtime_ns == stamp
+
+
+def test_validation_uses_train_images_only(data_root, tmp_path):
+    from datasets import build_datasets
+    splits = build_datasets("mvtec", data_root, "widget", 64, 0.25, 0)
+    val_paths = {splits.val[i]["path"] for i in range(len(splits.val))}
+    assert val_paths and all("/train/good/" in p for p in val_paths)
+    assert not val_paths & {splits.train[i]["path"] for i in range(len(splits.train))}
