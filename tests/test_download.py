@@ -1,0 +1,519 @@
+"""ensure_downloaded against a local HTTP server: install, resume, checksum, hostile archives.
+
+Every archive is built in the test and served from 127.0.0.1 (port 0) by a server
+thread that records each request's path and Range header, so tests can count requests
+and check what the client asked for. No test touches the internet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import socket
+import stat
+import tarfile
+import threading
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from datasets.download import DOWNLOADS, MANUAL_STEPS, DownloadInfo, ensure_downloaded
+from utils.errors import UserError
+
+GOOD_FILES = {
+    "toyset/alpha/train/good/000.png": b"alpha-image-" * 50,
+    "toyset/beta/train/good/000.png": b"beta-image-" * 50,
+    "toyset/split_csv/1cls.csv": b"object,split,label,image,mask\n",
+}
+
+
+# --------------------------------------------------------------------------- server
+
+
+@dataclass
+class ServerState:
+    """What the server serves and what it saw."""
+
+    files: dict[str, bytes] = field(default_factory=dict)
+    requests: list[tuple[str, str | None]] = field(default_factory=list)  # (path, Range header)
+    truncations: int = 0  # the next N responses send only half their body, then close
+    ignore_range: bool = False
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.0"  # one request per connection: closing it ends the body
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        state: ServerState = self.server.state  # type: ignore[attr-defined]
+        range_header = self.headers.get("Range")
+        state.requests.append((self.path, range_header))
+        data = state.files.get(self.path)
+        if data is None:
+            self.send_error(404)
+            return
+        start, status = 0, 200
+        match = re.fullmatch(r"bytes=(\d+)-", range_header or "")
+        if match and not state.ignore_range:
+            start, status = int(match.group(1)), 206
+            if start >= len(data):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(data)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+        body = data[start:]
+        self.send_response(status)
+        if status == 206:
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if state.truncations > 0:
+            state.truncations -= 1
+            body = body[: len(body) // 2]
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:  # keep pytest output clean
+        pass
+
+
+@pytest.fixture
+def server() -> Iterator[tuple[ServerState, str]]:
+    """A loopback server thread; yields its state and base URL, stops itself afterwards."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.state = ServerState()  # type: ignore[attr-defined]
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield httpd.state, f"http://127.0.0.1:{httpd.server_address[1]}"  # type: ignore[attr-defined]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)
+
+
+# --------------------------------------------------------------------------- archives
+
+
+def tar_bytes(files: dict[str, bytes], mode: str = "w:gz", extra: list[tarfile.TarInfo] | None = None) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode=mode) as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        for info in extra or []:
+            tar.addfile(info)
+    return buf.getvalue()
+
+
+def zip_bytes(files: dict[str, bytes], extra: list[tuple[zipfile.ZipInfo, bytes]] = ()) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+        for info, data in extra:
+            zf.writestr(info, data)
+    return buf.getvalue()
+
+
+def entry(url: str, data: bytes, archive: str, **overrides: object) -> DownloadInfo:
+    """A registry entry for the toy dataset served at ``url`` (sha256 of ``data``)."""
+    info = DownloadInfo(
+        name="Toy",
+        urls=(url,),
+        archive=archive,
+        sha256=hashlib.sha256(data).hexdigest(),
+        subdir="toyset",
+        categories=("alpha", "beta"),
+        extra=("split_csv/1cls.csv",),
+        layout="<data.root>/<category>/train/good",
+        source="generated by the test",
+    )
+    return replace(info, **overrides)
+
+
+def serve(state: ServerState, base: str, name: str, data: bytes) -> str:
+    state.files[f"/{name}"] = data
+    return f"{base}/{name}"
+
+
+def assert_installed(root: Path) -> None:
+    assert (root / "alpha/train/good/000.png").read_bytes() == GOOD_FILES["toyset/alpha/train/good/000.png"]
+    assert (root / "beta/train/good/000.png").read_bytes() == GOOD_FILES["toyset/beta/train/good/000.png"]
+    assert (root / "split_csv/1cls.csv").is_file()
+    assert (root / ".download/toy.complete").is_file()
+    leftovers = sorted(p.name for p in (root / ".download").iterdir() if not p.name.endswith((".complete", ".lock")))
+    assert leftovers == [], "part file, archive and staging folder must all be gone"
+
+
+def assert_nothing_installed(root: Path) -> None:
+    assert not (root / "alpha").exists() and not (root / "beta").exists()
+    assert not (root / ".download/toy.complete").exists()
+    assert not list((root / ".download").glob("extract-*")), "the staging folder must be removed"
+
+
+# --------------------------------------------------------------------------- good archives
+
+
+def test_tar_gz_is_installed_and_second_call_makes_no_request(server, tmp_path):
+    state, base = server
+    data = tar_bytes(GOOD_FILES)
+    registry = {"toy": entry(serve(state, base, "toy.tar.gz", data), data, "toy.tar.gz")}
+    root = tmp_path / "root"
+
+    assert ensure_downloaded("toy", root, registry=registry, progress=False) == root
+    assert_installed(root)
+    assert state.requests == [("/toy.tar.gz", None)]
+
+    ensure_downloaded("toy", root, registry=registry, progress=False)
+    assert len(state.requests) == 1, "an installed dataset must not be fetched again"
+
+
+@pytest.mark.parametrize("mode,suffix", [("w", ".tar"), ("w:xz", ".tar.xz")])
+def test_plain_and_xz_tar_are_supported(server, tmp_path, mode, suffix):
+    state, base = server
+    data = tar_bytes(GOOD_FILES, mode=mode)
+    registry = {"toy": entry(serve(state, base, "toy" + suffix, data), data, "toy" + suffix)}
+    ensure_downloaded("toy", tmp_path / "root", registry=registry, progress=False)
+    assert_installed(tmp_path / "root")
+
+
+def test_zip_is_installed_and_a_partial_copy_by_hand_is_kept(server, tmp_path):
+    state, base = server
+    files = {name.removeprefix("toyset/"): blob for name, blob in GOOD_FILES.items()}
+    data = zip_bytes(files)
+    registry = {"toy": entry(serve(state, base, "toy.zip", data), data, "toy.zip", subdir="")}
+    root = tmp_path / "root"
+    mine = root / "alpha/train/good/mine.png"
+    mine.parent.mkdir(parents=True)
+    mine.write_bytes(b"made by hand")
+
+    ensure_downloaded("toy", root, registry=registry, progress=False)
+
+    assert mine.read_bytes() == b"made by hand"
+    assert not (root / "alpha/train/good/000.png").exists(), "existing folders are never overwritten"
+    assert (root / "beta/train/good/000.png").read_bytes() == files["beta/train/good/000.png"]
+    assert (root / ".download/toy.complete").is_file()
+    assert len(state.requests) == 1
+
+
+def test_existing_category_folders_need_no_download(server, tmp_path):
+    state, base = server
+    root = tmp_path / "root"
+    for folder in ("alpha", "beta", "split_csv"):
+        (root / folder).mkdir(parents=True)
+    (root / "split_csv/1cls.csv").write_text("object,split,label,image,mask\n")
+    registry = {"toy": entry(f"{base}/toy.tar.gz", b"unused", "toy.tar.gz")}
+
+    assert ensure_downloaded("toy", root, registry=registry, progress=False) == root
+    assert state.requests == []
+
+
+def test_md5_only_entry_is_verified(server, tmp_path):
+    state, base = server
+    data = tar_bytes(GOOD_FILES)
+    url = serve(state, base, "toy.tar.gz", data)
+    good = {"toy": entry(url, data, "toy.tar.gz", sha256=None, md5=hashlib.md5(data).hexdigest())}
+    ensure_downloaded("toy", tmp_path / "ok", registry=good, progress=False)
+    assert_installed(tmp_path / "ok")
+
+    bad = {"toy": entry(url, data, "toy.tar.gz", sha256=None, md5="0" * 32)}
+    with pytest.raises(UserError, match="md5 checksum"):
+        ensure_downloaded("toy", tmp_path / "bad", registry=bad, progress=False)
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def test_checksum_mismatch_deletes_the_part_and_installs_nothing(server, tmp_path):
+    state, base = server
+    data = tar_bytes(GOOD_FILES)
+    registry = {"toy": entry(serve(state, base, "toy.tar.gz", data), b"other bytes", "toy.tar.gz")}
+    root = tmp_path / "root"
+
+    with pytest.raises(UserError, match="sha256 checksum .* failed.*deleted.*rerun"):
+        ensure_downloaded("toy", root, registry=registry, progress=False)
+    assert not (root / ".download/toy.tar.gz.part").exists()
+    assert not (root / ".download/toy.tar.gz").exists()
+    assert_nothing_installed(root)
+
+
+def test_entry_without_checksum_is_refused_before_any_request(server, tmp_path):
+    state, base = server
+    data = tar_bytes(GOOD_FILES)
+    registry = {"toy": entry(serve(state, base, "toy.tar.gz", data), data, "toy.tar.gz", sha256=None)}
+    with pytest.raises(UserError, match="no checksum"):
+        ensure_downloaded("toy", tmp_path / "root", registry=registry, progress=False)
+    assert state.requests == []
+
+
+def test_http_error_names_the_url_and_the_root(server, tmp_path):
+    state, base = server
+    registry = {"toy": entry(f"{base}/missing.tar.gz", b"x", "missing.tar.gz")}
+    root = tmp_path / "root"
+    with pytest.raises(UserError) as caught:
+        ensure_downloaded("toy", root, registry=registry, progress=False)
+    message = str(caught.value)
+    assert f"{base}/missing.tar.gz" in message and "HTTP 404" in message
+    assert str(root) in message and "by hand" in message
+    assert len(state.requests) == 1, "a definite HTTP error is not retried"
+
+
+def test_unreachable_server_is_a_user_error(tmp_path):
+    with socket.socket() as sock:  # a port that nobody listens on once closed
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/toy.tar.gz"
+    registry = {"toy": entry(url, b"x", "toy.tar.gz")}
+    with pytest.raises(UserError, match=re.escape(url)):
+        ensure_downloaded("toy", tmp_path / "root", registry=registry, progress=False)
+
+
+def test_second_url_is_used_when_the_first_is_gone(server, tmp_path):
+    state, base = server
+    data = tar_bytes(GOOD_FILES)
+    url = serve(state, base, "toy.tar.gz", data)
+    registry = {"toy": entry(url, data, "toy.tar.gz", urls=(f"{base}/gone.tar.gz", url))}
+    ensure_downloaded("toy", tmp_path / "root", registry=registry, progress=False)
+    assert_installed(tmp_path / "root")
+    assert [path for path, _ in state.requests] == ["/gone.tar.gz", "/toy.tar.gz"]
+
+
+def test_unexpected_layout_installs_nothing(server, tmp_path):
+    state, base = server
+    data = tar_bytes({k: v for k, v in GOOD_FILES.items() if "/beta/" not in k})
+    registry = {"toy": entry(serve(state, base, "toy.tar.gz", data), data, "toy.tar.gz")}
+    root = tmp_path / "root"
+    with pytest.raises(UserError, match=r"expected Toy layout.*'beta'"):
+        ensure_downloaded("toy", root, registry=registry, progress=False)
+    assert_nothing_installed(root)
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def test_truncated_transfer_is_resumed_with_range_in_the_same_call(server, tmp_path):
+    state, base = server
+    data = tar_bytes(GOOD_FILES)
+    registry = {"toy": entry(serve(state, base, "toy.tar.gz", data), data, "toy.tar.gz")}
+    state.truncations = 1
+
+    ensure_downloaded("toy", tmp_path / "root", registry=registry, progress=False)
+
+    assert_installed(tmp_path / "root")
+    assert state.requests == [("/toy.tar.gz", None), ("/toy.tar.gz", f"bytes={len(data) // 2}-")]
+
+
+def test_repeated_truncation_keeps_the_part_and_the_next_call_resumes(server, tmp_path):
+    state, base = server
+    data = tar_bytes(GOOD_FILES)
+    registry = {"toy": entry(serve(state, base, "toy.tar.gz", data), data, "toy.tar.gz")}
+    root = tmp_path / "root"
+    state.truncations = 100  # every response breaks off
+
+    with pytest.raises(UserError, match="interrupted.*rerun the same command to resume"):
+        ensure_downloaded("toy", root, registry=registry, progress=False)
+    part = root / ".download/toy.tar.gz.part"
+    kept = part.stat().st_size
+    assert 0 < kept < len(data) and part.read_bytes() == data[:kept]
+    assert len(state.requests) == 3, "bounded retries"
+    assert_nothing_installed(root)
+
+    state.truncations = 0
+    ensure_downloaded("toy", root, registry=registry, progress=False)
+    assert state.requests[3] == ("/toy.tar.gz", f"bytes={kept}-")
+    assert_installed(root)
+
+
+def test_existing_part_is_resumed_with_range(server, tmp_path):
+    state, base = server
+    data = tar_bytes(GOOD_FILES)
+    registry = {"toy": entry(serve(state, base, "toy.tar.gz", data), data, "toy.tar.gz")}
+    root = tmp_path / "root"
+    (root / ".download").mkdir(parents=True)
+    (root / ".download/toy.tar.gz.part").write_bytes(data[:100])
+
+    ensure_downloaded("toy", root, registry=registry, progress=False)
+
+    assert state.requests == [("/toy.tar.gz", "bytes=100-")]
+    assert_installed(root)
+
+
+def test_server_ignoring_range_restarts_cleanly_from_zero(server, tmp_path):
+    state, base = server
+    data = tar_bytes(GOOD_FILES)
+    registry = {"toy": entry(serve(state, base, "toy.tar.gz", data), data, "toy.tar.gz")}
+    root = tmp_path / "root"
+    (root / ".download").mkdir(parents=True)
+    # Garbage in the part: appending the 200 body to it would fail the checksum.
+    (root / ".download/toy.tar.gz.part").write_bytes(b"\0" * 100)
+    state.ignore_range = True
+
+    ensure_downloaded("toy", root, registry=registry, progress=False)
+
+    assert state.requests == [("/toy.tar.gz", "bytes=100-")]
+    assert_installed(root)
+
+
+def test_part_larger_than_the_file_restarts_from_zero(server, tmp_path):
+    state, base = server
+    data = tar_bytes(GOOD_FILES)
+    registry = {"toy": entry(serve(state, base, "toy.tar.gz", data), data, "toy.tar.gz")}
+    root = tmp_path / "root"
+    (root / ".download").mkdir(parents=True)
+    (root / ".download/toy.tar.gz.part").write_bytes(data + b"trailing junk")
+
+    ensure_downloaded("toy", root, registry=registry, progress=False)
+
+    assert state.requests == [("/toy.tar.gz", f"bytes={len(data) + 13}-"), ("/toy.tar.gz", None)]
+    assert_installed(root)
+
+
+def test_complete_part_is_verified_without_downloading_again(server, tmp_path):
+    state, base = server
+    data = tar_bytes(GOOD_FILES)
+    registry = {"toy": entry(serve(state, base, "toy.tar.gz", data), data, "toy.tar.gz")}
+    root = tmp_path / "root"
+    (root / ".download").mkdir(parents=True)
+    (root / ".download/toy.tar.gz.part").write_bytes(data)
+
+    ensure_downloaded("toy", root, registry=registry, progress=False)
+
+    assert state.requests == [("/toy.tar.gz", f"bytes={len(data)}-")]  # answered 416, nothing resent
+    assert_installed(root)
+
+
+def test_archive_placed_by_hand_is_used_without_a_request(server, tmp_path):
+    state, base = server
+    data = tar_bytes(GOOD_FILES)
+    registry = {"toy": entry(f"{base}/toy.tar.gz", data, "toy.tar.gz")}
+    root = tmp_path / "root"
+    (root / ".download").mkdir(parents=True)
+    (root / ".download/toy.tar.gz").write_bytes(data)
+
+    ensure_downloaded("toy", root, registry=registry, progress=False)
+
+    assert state.requests == []
+    assert_installed(root)
+
+
+# --------------------------------------------------------------------------- hostile archives
+
+
+def _tar_member(name: str, kind: bytes = tarfile.REGTYPE, linkname: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, linkname
+    return info
+
+
+def _hostile_tars(outside: Path) -> dict[str, list[tarfile.TarInfo]]:
+    return {
+        "dotdot": [_tar_member("toyset/../../../evil.txt")],
+        "absolute": [_tar_member(str(outside / "evil_abs.txt"))],
+        "symlink_to_etc": [_tar_member("toyset/alpha/etc", tarfile.SYMTYPE, "/etc")],
+        "relative_symlink_out": [_tar_member("toyset/alpha/up", tarfile.SYMTYPE, "../../../../..")],
+        "hardlink_out": [_tar_member("toyset/alpha/passwd", tarfile.LNKTYPE, "../../etc/passwd")],
+        "char_device": [_tar_member("toyset/alpha/null", tarfile.CHRTYPE)],
+    }
+
+
+def _nothing_written_outside(tmp_path: Path, root: Path) -> None:
+    stray = [p for p in tmp_path.rglob("*") if root not in p.parents and p != root]
+    assert stray == [], f"written outside root: {stray}"
+
+
+@pytest.mark.parametrize("case", list(_hostile_tars(Path("/x"))))
+def test_hostile_tar_member_is_refused(server, tmp_path, case):
+    state, base = server
+    members = _hostile_tars(tmp_path)[case]
+    data = tar_bytes(GOOD_FILES, extra=members)
+    # the hostile name must survive in the archive, or the test would prove nothing
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        assert members[0].name in tar.getnames()
+    registry = {"toy": entry(serve(state, base, "toy.tar.gz", data), data, "toy.tar.gz")}
+    root = tmp_path / "root"
+
+    # refused for the hostile member itself, not for some innocent one
+    with pytest.raises(UserError, match=f"refusing to extract toy.tar.gz: member {re.escape(repr(members[0].name))}"):
+        ensure_downloaded("toy", root, registry=registry, progress=False)
+
+    assert_nothing_installed(root)
+    _nothing_written_outside(tmp_path, root)
+
+
+def _zip_symlink(name: str, target: str) -> tuple[zipfile.ZipInfo, bytes]:
+    info = zipfile.ZipInfo(name)
+    info.create_system = 3  # unix, so external_attr carries the file type
+    info.external_attr = (stat.S_IFLNK | 0o777) << 16
+    return info, target.encode()
+
+
+@pytest.mark.parametrize("case", ["dotdot", "absolute", "symlink"])
+def test_hostile_zip_member_is_refused(server, tmp_path, case):
+    state, base = server
+    hostile = {
+        "dotdot": (zipfile.ZipInfo("../../../evil.txt"), b"evil"),
+        "absolute": (zipfile.ZipInfo(str(tmp_path / "evil_abs.txt")), b"evil"),
+        "symlink": _zip_symlink("alpha/etc", "/etc"),
+    }[case]
+    files = {name.removeprefix("toyset/"): blob for name, blob in GOOD_FILES.items()}
+    data = zip_bytes(files, extra=[hostile])
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        assert hostile[0].filename in zf.namelist()
+    registry = {"toy": entry(serve(state, base, "toy.zip", data), data, "toy.zip", subdir="")}
+    root = tmp_path / "root"
+
+    with pytest.raises(UserError, match=f"refusing to extract toy.zip: member {re.escape(repr(hostile[0].filename))}"):
+        ensure_downloaded("toy", root, registry=registry, progress=False)
+
+    assert_nothing_installed(root)
+    _nothing_written_outside(tmp_path, root)
+
+
+# --------------------------------------------------------------------------- the real table
+
+
+@pytest.mark.parametrize("dataset,needle", [("mpdd", "github.com/stepanje/MPDD"), ("eyecandies", "eyecan-ai.github.io")])
+def test_dataset_without_direct_archive_gives_manual_steps(tmp_path, dataset, needle):
+    root = tmp_path / "data" / dataset
+    with pytest.raises(UserError) as caught:
+        ensure_downloaded(dataset, root, progress=False)
+    message = str(caught.value)
+    assert needle in message and f"data.root={root}" in message
+    assert "\n" not in message, "UserError messages are printed on one line"
+    assert not root.exists(), "nothing is created for a manual dataset"
+
+
+def test_unknown_dataset_lists_the_known_ones(tmp_path):
+    with pytest.raises(UserError, match="no download is known for dataset 'nope'.*'mvtec'"):
+        ensure_downloaded("nope", tmp_path, progress=False)
+
+
+def test_download_table_is_complete_and_verifiable():
+    assert {"mvtec", "visa", "btad"} <= set(DOWNLOADS)
+    for key, info in DOWNLOADS.items():
+        assert key in MANUAL_STEPS, f"{key} needs manual steps for when the download fails"
+        assert info.urls and all(url.startswith("https://") for url in info.urls)
+        assert info.sha256 or info.md5, f"{key} has no checksum"
+        if info.sha256:
+            assert re.fullmatch(r"[0-9a-f]{64}", info.sha256)
+        if info.md5:
+            assert re.fullmatch(r"[0-9a-f]{32}", info.md5)
+        assert info.archive.endswith((".zip", ".tar", ".tar.gz", ".tar.xz"))
+        assert info.categories
+    assert {"mpdd", "eyecandies"} <= set(MANUAL_STEPS)
+    assert all("\n" not in steps and "<data.root>" in steps for steps in MANUAL_STEPS.values())
+
+
+def test_dataset_names_are_matched_loosely(tmp_path):
+    # "MVTec-AD" and "mvtec_ad" both mean the mvtec entry: present folders -> no download
+    root = tmp_path / "mvtec"
+    for category in DOWNLOADS["mvtec"].categories:
+        (root / category).mkdir(parents=True)
+    for spelling in ("MVTec-AD", "mvtec_ad", "mvtec"):
+        assert ensure_downloaded(spelling, root, progress=False) == root
