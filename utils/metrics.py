@@ -12,14 +12,18 @@ Conventions shared by all metrics:
 * Malformed input (mismatched shapes, labels or masks that are not binary) raises ``ValueError``:
   that is a bug in the caller, not a property of the data.
 
-Speed: all ranking metrics need the scores sorted once. ``np.argsort`` on ~10M pixels is slow, so
-float32 scores are packed into the high 32 bits of a uint64 key whose low 32 bits carry a small
-integer payload (the label, or the ground-truth region id), and the keys are sorted with
-``np.sort``: several times faster, and the payload comes out already in score order.
+Speed (~10M pixels per MVTec category): every ranking metric needs the scores sorted once, and
+``np.argsort`` is slow at that size. float32 scores are instead packed into the high 32 bits of a
+uint64 whose low 32 bits carry a small integer payload (the label, or the ground-truth region id)
+and sorted with ``np.sort``, several times faster, the payload coming out in score order. AUROC,
+AP and F1-max are then summed over the thresholds whose tie group holds a positive only (~1% of
+pixels), and AUPRO over the part of the curve below ``fpr_limit`` only. ``evaluate_all`` sorts
+the pixels once for all pixel metrics.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -117,12 +121,25 @@ class _Ranking:
     """Scores sorted in descending order, with their payload codes, grouped by distinct value.
 
     ``codes[i]`` is the payload of the i-th highest score; ``ends[j]`` is the index in ``codes`` of
-    the last element of the j-th group of tied scores; ``thresholds[j]`` is that group's score.
+    the last element of the j-th group of tied scores; ``positives`` holds the indices in
+    ``codes`` of the positive (non-zero) codes, increasing. ``sorted_keys`` are the sorted scores
+    themselves (float64) or their uint32 sort keys (float32 scores), read by ``thresholds``.
     """
 
     codes: np.ndarray  # unsigned ints, one per element, descending score order (may be a view)
     ends: np.ndarray  # int64, one per distinct score, increasing
-    thresholds: np.ndarray  # float64, one per distinct score, decreasing
+    positives: np.ndarray  # int64, one per positive element, increasing
+    sorted_keys: np.ndarray  # one per element, descending score order (may be a view)
+
+    def thresholds(self, groups: np.ndarray) -> np.ndarray:
+        """The score values (float64) of the given tie groups; decoded on demand because the
+        few groups that need one are a small part of the millions of distinct pixel scores."""
+        keys = self.sorted_keys[self.ends[groups]]
+        if keys.dtype == np.uint32:
+            bits = keys.view(np.int32)  # the fancy index above made a copy: safe to flip in place
+            _flip_float32_order(bits)
+            keys = bits.view(np.float32)
+        return keys.astype(np.float64)
 
 
 def _group_ends(sorted_values: np.ndarray) -> np.ndarray:
@@ -154,34 +171,24 @@ def _rank(scores: np.ndarray, codes: np.ndarray) -> _Ranking:
     """
     if scores.dtype != np.float32:
         order = np.argsort(scores)[::-1]  # tie order is irrelevant: only group boundaries are used
-        sorted_scores = scores[order]
-        ends = _group_ends(sorted_scores)
-        return _Ranking(codes=codes[order], ends=ends, thresholds=sorted_scores[ends])
-
-    key = scores + np.float32(0.0)  # a fresh copy, in which + 0.0 turns -0.0 into +0.0: they tie
-    _flip_float32_order(key.view(np.int32))
-    packed = key.view(np.uint32).astype(np.uint64)
-    del key
-    packed <<= np.uint64(32)
-    packed |= codes
-    packed.sort()
-    # Read both halves through views instead of copying them out (saves two 10M-element passes).
-    halves = packed.view(np.uint32).reshape(-1, 2)
-    low, high = (0, 1) if sys.byteorder == "little" else (1, 0)
-    sorted_key, sorted_codes = halves[:, high], halves[:, low]
-    ends = _group_ends(sorted_key)
-    threshold_bits = sorted_key[ends].view(np.int32)  # a copy: the fancy index made one
-    _flip_float32_order(threshold_bits)
-    thresholds = threshold_bits.view(np.float32).astype(np.float64)
-    return _Ranking(codes=sorted_codes, ends=ends, thresholds=thresholds)
-
-
-def _binary_counts(ranking: _Ranking) -> tuple[np.ndarray, np.ndarray]:
-    """``(tps, fps)``: for each distinct threshold (descending), the number of positives
-    (non-zero code) and of negatives (code 0) whose score is ``>=`` the threshold."""
-    tps = np.cumsum(ranking.codes != 0, dtype=np.int64)[ranking.ends]
-    fps = ranking.ends + 1 - tps
-    return tps, fps
+        sorted_keys = scores[order]
+        sorted_codes = codes[order]
+    else:
+        # Build each uint64 in place: sort key in the high 32 bits, code in the low 32 bits.
+        packed = np.empty(scores.size, dtype=np.uint64)
+        halves = packed.view(np.uint32).reshape(-1, 2)
+        low, high = (0, 1) if sys.byteorder == "little" else (1, 0)
+        np.add(scores, np.float32(0.0), out=halves[:, high].view(np.float32))  # -0.0 + 0.0 = +0.0: ties
+        _flip_float32_order(halves[:, high].view(np.int32))
+        halves[:, low] = codes
+        packed.sort()
+        sorted_keys, sorted_codes = halves[:, high], halves[:, low]
+    return _Ranking(
+        codes=sorted_codes,
+        ends=_group_ends(sorted_keys),
+        positives=np.flatnonzero(sorted_codes),
+        sorted_keys=sorted_keys,
+    )
 
 
 def _rank_binary(scores: ArrayLike, labels: ArrayLike) -> _Ranking | None:
@@ -199,39 +206,68 @@ def _rank_binary(scores: ArrayLike, labels: ArrayLike) -> _Ranking | None:
 # --------------------------------------------------------------------------- curve summaries
 
 
-def _increments(counts: np.ndarray) -> np.ndarray:
-    """``counts[j] - counts[j - 1]``, with ``counts[-1]`` taken as 0 (np.diff with prepend=0,
-    without its concatenated copy)."""
-    out = np.empty_like(counts)
-    out[0] = counts[0]
-    np.subtract(counts[1:], counts[:-1], out=out[1:])
-    return out
+@dataclass(frozen=True)
+class _PositiveGroups:
+    """Counts at the thresholds whose tie group holds at least one positive, descending.
+
+    A group without positives only adds false positives; AUROC, AP and F1-max can all be written
+    as sums or maxima over the other groups (see each function). On pixels, where ~1% are
+    anomalous, that is a small fraction of the distinct scores.
+    """
+
+    n_pos: int
+    n_neg: int
+    tps: np.ndarray  # int64: positives with score >= threshold
+    fps: np.ndarray  # int64: negatives with score >= threshold
+    new_tps: np.ndarray  # int64: positives with score == threshold
+    new_fps: np.ndarray  # int64: negatives with score == threshold
+    thresholds: np.ndarray  # float64
 
 
-def _auroc_from_counts(tps: np.ndarray, fps: np.ndarray) -> float:
-    n_pos, n_neg = int(tps[-1]), int(fps[-1])
-    # Trapezoid over the ROC points (0, 0), (fps_j, tps_j): a group of tied scores is one diagonal
-    # step, sklearn's convention. 2 * area * n_pos * n_neg = sum_j (fps_j - fps_{j-1}) *
-    # (tps_j + tps_{j-1}), summed in int64, so the result is exact up to the final division.
-    tp_sums = tps.copy()
-    tp_sums[1:] += tps[:-1]
-    twice_area = int(np.dot(_increments(fps), tp_sums))
-    return twice_area / (2 * n_pos * n_neg)
+def _positive_groups(ranking: _Ranking) -> _PositiveGroups:
+    """The tie groups of ``ranking`` that hold positives, with their counts (ranking must hold
+    at least one positive)."""
+    ends, positives = ranking.ends, ranking.positives
+    group = np.searchsorted(ends, positives)  # the tie group of each positive, non-decreasing
+    last = _group_ends(group)  # per group with positives, the index of its last positive
+    groups = group[last]
+    tps = last + 1  # positives are listed in score order: those up to `last` score >= threshold
+    new_tps = np.diff(tps, prepend=0)
+    seen = ends[groups] + 1  # elements with score >= threshold
+    seen_before = np.where(groups > 0, ends[groups - 1] + 1, 0)  # elements with score > threshold
+    return _PositiveGroups(
+        n_pos=int(positives.size),
+        n_neg=int(ranking.codes.size - positives.size),
+        tps=tps,
+        fps=seen - tps,
+        new_tps=new_tps,
+        new_fps=seen - seen_before - new_tps,
+        thresholds=ranking.thresholds(groups),
+    )
 
 
-def _ap_from_counts(tps: np.ndarray, fps: np.ndarray) -> float:
-    # sum_j (R_j - R_{j-1}) * P_j with R_j = tps_j / n_pos and P_j = tps_j / (tps_j + fps_j).
-    precision = tps / (tps + fps)
-    return float(np.dot(_increments(tps), precision)) / int(tps[-1])
+def _auroc_from_groups(g: _PositiveGroups) -> float:
+    # AUROC = P(positive scores above negative) + P(tie) / 2 over all (positive, negative) pairs:
+    # the trapezoid under the ROC curve with tied scores as one diagonal step, sklearn's convention.
+    # The new_tps positives of a group beat the n_neg - fps negatives below it and tie with its
+    # new_fps negatives; counting twice the wins in int64 keeps the result exact until the division.
+    twice_wins = 2 * np.dot(g.new_tps, g.n_neg - g.fps) + np.dot(g.new_tps, g.new_fps)
+    return int(twice_wins) / (2 * g.n_pos * g.n_neg)
 
 
-def _f1_from_counts(tps: np.ndarray, fps: np.ndarray, thresholds: np.ndarray) -> tuple[float, float]:
-    # F1 = 2TP / (2TP + FP + FN) = 2 * tps / (tps + fps + n_pos), since FN = n_pos - TP.
-    denominator = tps + fps
-    denominator += tps[-1]
-    half_f1 = tps / denominator
+def _ap_from_groups(g: _PositiveGroups) -> float:
+    # sum_j (R_j - R_{j-1}) * P_j over all thresholds; recall only moves where positives are added.
+    precision = g.tps / (g.tps + g.fps)
+    return float(np.dot(g.new_tps, precision)) / g.n_pos
+
+
+def _f1_from_groups(g: _PositiveGroups) -> tuple[float, float]:
+    # F1 = 2TP / (2TP + FP + FN) = 2 * tps / (tps + fps + n_pos), since FN = n_pos - TP. A group
+    # without positives lowers F1 below that of the threshold before it, so the first (highest)
+    # threshold reaching the maximum is always one with positives.
+    half_f1 = g.tps / (g.tps + g.fps + g.n_pos)
     best = int(np.argmax(half_f1))  # first maximum = the highest threshold reaching it
-    return 2.0 * float(half_f1[best]), float(thresholds[best])
+    return 2.0 * float(half_f1[best]), float(g.thresholds[best])
 
 
 def _area_up_to(x: np.ndarray, y: np.ndarray, limit: float) -> float:
@@ -269,21 +305,29 @@ def _label_regions(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return region_ids, sizes
 
 
-def _aupro_from_ranking(ranking: _Ranking, fps: np.ndarray, sizes: np.ndarray, fpr_limit: float) -> float:
-    """AUPRO from a pixel ranking whose codes are region ids (see ``_label_regions``) and the
-    false-positive counts ``fps`` at its thresholds."""
+def _aupro_from_ranking(ranking: _Ranking, sizes: np.ndarray, fpr_limit: float) -> float:
+    """AUPRO from a pixel ranking whose codes are region ids, ``sizes`` as from ``_label_regions``
+    (at least one region and one normal pixel)."""
     n_regions = sizes.size - 1
     n_normal = int(sizes[0])
-    # Only the curve up to fpr_limit matters: keep every point with fps <= fpr_limit * n_normal + 1
-    # (the + 1 pixel absorbs float rounding in fps / n_normal) and the first point after them.
-    stop = min(int(np.searchsorted(fps, fpr_limit * n_normal + 1, side="right")) + 1, fps.size)
-    ends = ranking.ends[:stop]
-    fpr = fps[:stop] / n_normal
-    # Region k's detected fraction enters PRO divided by n_regions, so each of its pixels carries
-    # weight 1 / (n_regions * size_k): PRO at a threshold is the summed weight above it.
+    ends = ranking.ends
+    # Only the curve up to fpr_limit matters. Its points run up to the tie group holding normal
+    # pixel number k (0-based), the first group whose FPR surely exceeds the limit: the + 1 pixel
+    # absorbs float rounding in fps / n_normal.
+    k = math.floor(fpr_limit * n_normal) + 1
+    if k < n_normal:
+        # The i-th anomalous pixel has positives[i] - i normal pixels before it, so normal pixel k
+        # comes after exactly the anomalous pixels that have at most k normal pixels before them.
+        normal_before = ranking.positives - np.arange(ranking.positives.size)
+        position = k + int(np.searchsorted(normal_before, k, side="right"))
+        ends = ends[: int(np.searchsorted(ends, position)) + 1]
+    codes = ranking.codes[: ends[-1] + 1]
+    fpr = np.cumsum(codes == 0, dtype=np.int64)[ends] / n_normal
+    # Region r's detected fraction enters PRO divided by n_regions, so each of its pixels carries
+    # weight 1 / (n_regions * size_r): PRO at a threshold is the summed weight above it.
     weights = np.zeros(n_regions + 1, dtype=np.float64)
     weights[1:] = 1.0 / (n_regions * sizes[1:])
-    pro = weights[ranking.codes[: ends[-1] + 1]]
+    pro = weights[codes]
     np.cumsum(pro, out=pro)
     pro = np.minimum(pro[ends], 1.0)  # summation rounding may overshoot 1 by ~1e-16
     area = _area_up_to(np.concatenate(([0.0], fpr)), np.concatenate(([0.0], pro)), fpr_limit)
@@ -303,7 +347,7 @@ def auroc(scores: ArrayLike, labels: ArrayLike) -> float:
     ranking = _rank_binary(scores, labels)
     if ranking is None:
         return _NAN
-    return _auroc_from_counts(*_binary_counts(ranking))
+    return _auroc_from_groups(_positive_groups(ranking))
 
 
 def average_precision(scores: ArrayLike, labels: ArrayLike) -> float:
@@ -315,7 +359,7 @@ def average_precision(scores: ArrayLike, labels: ArrayLike) -> float:
     ranking = _rank_binary(scores, labels)
     if ranking is None:
         return _NAN
-    return _ap_from_counts(*_binary_counts(ranking))
+    return _ap_from_groups(_positive_groups(ranking))
 
 
 def f1_max(scores: ArrayLike, labels: ArrayLike) -> tuple[float, float]:
@@ -328,7 +372,7 @@ def f1_max(scores: ArrayLike, labels: ArrayLike) -> tuple[float, float]:
     ranking = _rank_binary(scores, labels)
     if ranking is None:
         return _NAN, _NAN
-    return _f1_from_counts(*_binary_counts(ranking), ranking.thresholds)
+    return _f1_from_groups(_positive_groups(ranking))
 
 
 def aupro(anomaly_maps: ArrayLike, masks: ArrayLike, fpr_limit: float = 0.3) -> float:
@@ -336,8 +380,8 @@ def aupro(anomaly_maps: ArrayLike, masks: ArrayLike, fpr_limit: float = 0.3) -> 
 
     The curve is computed over the whole set at once, as in the MVTec AD reference code:
 
-    * regions are the connected components of the ground-truth masks, 8-connectivity
-      (``scipy.ndimage.label`` with a 3x3 ones structure), taken over all images together;
+    * regions are the connected components of each ground-truth mask, 8-connectivity
+      (``scipy.ndimage.label`` with a 3x3 ones structure), pooled over all images;
     * at threshold ``t`` (every distinct map value, prediction ``map >= t``), PRO is the mean over
       all regions of the fraction of the region's pixels predicted anomalous, and FPR is the
       fraction of all normal pixels (mask 0, all images) predicted anomalous;
@@ -358,9 +402,7 @@ def aupro(anomaly_maps: ArrayLike, masks: ArrayLike, fpr_limit: float = 0.3) -> 
     scores = _as_scores(maps)
     if sizes.size == 1 or sizes[0] == 0 or np.isnan(scores).any():
         return _NAN
-    ranking = _rank(scores, region_ids.ravel())
-    _, fps = _binary_counts(ranking)
-    return _aupro_from_ranking(ranking, fps, sizes, fpr_limit)
+    return _aupro_from_ranking(_rank(scores, region_ids.ravel()), sizes, fpr_limit)
 
 
 def threshold_from_normal_scores(scores: ArrayLike, quantile: float = 0.99) -> float:
@@ -379,6 +421,21 @@ def threshold_from_normal_scores(scores: ArrayLike, quantile: float = 0.99) -> f
     if not np.isfinite(s).all():
         raise ValueError("normal scores contain NaN or infinity")
     return float(np.quantile(s, quantile))
+
+
+def _ranking_metrics(ranking: _Ranking | None, prefix: str) -> dict[str, float]:
+    """``{prefix}_auroc``, ``_ap``, ``_f1_max`` and ``_f1_threshold`` of a binary ranking; all nan
+    when the ranking is None (metrics undefined)."""
+    if ranking is None:
+        return {f"{prefix}_{name}": _NAN for name in ("auroc", "ap", "f1_max", "f1_threshold")}
+    groups = _positive_groups(ranking)
+    best_f1, threshold = _f1_from_groups(groups)
+    return {
+        f"{prefix}_auroc": _auroc_from_groups(groups),
+        f"{prefix}_ap": _ap_from_groups(groups),
+        f"{prefix}_f1_max": best_f1,
+        f"{prefix}_f1_threshold": threshold,
+    }
 
 
 def evaluate_all(
@@ -427,38 +484,19 @@ def evaluate_all(
         if not keep.all():
             maps, gt = maps[keep], gt[keep]
 
-    results: dict[str, float] = {}
-
-    image_ranking = _rank_binary(img_scores, img_labels)
-    if image_ranking is None:
-        results.update(image_auroc=_NAN, image_ap=_NAN, image_f1_max=_NAN, image_f1_threshold=_NAN)
-    else:
-        tps, fps = _binary_counts(image_ranking)
-        f1, threshold = _f1_from_counts(tps, fps, image_ranking.thresholds)
-        results.update(
-            image_auroc=_auroc_from_counts(tps, fps),
-            image_ap=_ap_from_counts(tps, fps),
-            image_f1_max=f1,
-            image_f1_threshold=threshold,
-        )
+    results = _ranking_metrics(_rank_binary(img_scores, img_labels), "image")
 
     # One sort of all pixels serves every pixel metric: its payload is the region id, which is
-    # non-zero exactly on anomalous pixels, so the binary counts come from the same ranking.
+    # non-zero exactly on anomalous pixels, so it doubles as the binary label.
     region_ids, sizes = _label_regions(gt)
     pixel_scores = _as_scores(maps)
-    n_normal, n_regions = int(sizes[0]), sizes.size - 1
-    if n_regions == 0 or n_normal == 0 or np.isnan(pixel_scores).any():
-        results.update(pixel_auroc=_NAN, pixel_aupro=_NAN, pixel_ap=_NAN, pixel_f1_max=_NAN, pixel_f1_threshold=_NAN)
+    if sizes.size == 1 or sizes[0] == 0 or np.isnan(pixel_scores).any():
+        results.update(_ranking_metrics(None, "pixel"), pixel_aupro=_NAN)
     else:
         pixel_ranking = _rank(pixel_scores, region_ids.ravel())
-        tps, fps = _binary_counts(pixel_ranking)
-        f1, threshold = _f1_from_counts(tps, fps, pixel_ranking.thresholds)
         results.update(
-            pixel_auroc=_auroc_from_counts(tps, fps),
-            pixel_aupro=_aupro_from_ranking(pixel_ranking, fps, sizes, 0.3),
-            pixel_ap=_ap_from_counts(tps, fps),
-            pixel_f1_max=f1,
-            pixel_f1_threshold=threshold,
+            _ranking_metrics(pixel_ranking, "pixel"),
+            pixel_aupro=_aupro_from_ranking(pixel_ranking, sizes, fpr_limit=0.3),
         )
 
     return {key: float(results[key]) for key in METRIC_KEYS}
