@@ -27,6 +27,10 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
 _MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 _STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
+# Images smaller than this on a side are placeholders or broken exports, not photographs to learn
+# from (masks may be any size: they are resized with nearest-neighbour).
+MIN_IMAGE_SIDE = 8
+
 # Modes whose samples are not 8-bit: they need an explicit rescale, PIL's convert() would clip.
 _WIDE_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")
 
@@ -104,13 +108,17 @@ def _read(path: str | Path, decode: bool) -> Image.Image:
         ) from None
 
 
-def check_image_header(path: Path) -> None:
-    """Cheaply verify that ``path`` is a non-empty file PIL recognises (header only, no decode).
+def check_image_header(path: Path, min_side: int = 1) -> None:
+    """Cheaply verify that ``path`` is a non-empty file PIL recognises (header only, no decode)
+    whose width and height are at least ``min_side`` pixels.
 
     Raises UserError naming the file otherwise. Used when indexing a dataset, so that bad
     files are reported before training starts; truncated pixel data is caught at decode time.
     """
-    _read(path, decode=False)
+    width, height = _read(path, decode=False).size
+    if min(width, height) < min_side:
+        raise UserError(f"image {path} is only {width}x{height} pixels, too small to show anything "
+                        f"(at least {min_side}x{min_side} needed); replace it or delete it from the dataset")
 
 
 def load_rgb(path: str | Path) -> Image.Image:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from datasets.images import check_image_header, load_mask, load_rgb, normalise, resize_rgb
+from datasets.images import MIN_IMAGE_SIDE, check_image_header, load_mask, load_rgb, normalise, resize_rgb
 
 
 @dataclass(frozen=True)
@@ -97,9 +97,10 @@ class AnomalyDataset(Dataset):
 
 
 def check_files(samples: Sequence[Sample]) -> None:
-    """Raise UserError for the first image or mask that is empty or not a recognisable image."""
+    """Raise UserError for the first image or mask that is empty or not a recognisable image,
+    or an image smaller than MIN_IMAGE_SIDE on a side."""
     for s in samples:
-        check_image_header(s.image)
+        check_image_header(s.image, MIN_IMAGE_SIDE)
         if s.mask is not None:
             check_image_header(s.mask)
 

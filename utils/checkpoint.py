@@ -21,7 +21,7 @@ from utils.io import save_torch
 FORMAT_VERSION = 1
 # Keys that only say where or how fast to run; every other key changes what a run computes.
 RUN_KEYS = ("phase", "data.root", "data.num_workers", "data.download", "train.device", "train.resume",
-            "eval.batch_size", "output.dir")
+            "eval.batch_size", "eval.max_pictures", "output.dir")
 
 
 def teacher_fingerprint(teacher: nn.Module) -> str:

@@ -56,19 +56,21 @@ def run_categories(method: str, config: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _run(method: str, args: list[str]) -> int:
+    config = load_config(method, args)
     # Imported here so that `--help` and config errors answer at once, before torch loads.
     from models import method_name
     from utils.engine import method_directory
     from utils.io import write_json
-    from utils.report import format_table, mean_row
+    from utils.report import format_table, mean_row, write_summary
 
-    config = load_config(method, args)
     sweep = config["data.category"] == "all"
     results = run_categories(method, config)
     name = method_name(method, config["memory.enabled"])
     print()
     print(format_table(f"{name} on {config['data.dataset']} ({config['model.backbone']}, "
                        f"{config['data.image_size']} px)", results, with_mean=sweep))
+    report, _ = write_summary(config["output.dir"])  # every method and dataset under output.dir, with this run
+    print(f"report: {report} (and summary.csv)")
     if sweep:
         summary = method_directory(config, method) / "summary.json"
         write_json(summary, {"method": name, "dataset": config["data.dataset"], "categories": results,

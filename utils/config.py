@@ -88,6 +88,8 @@ SCHEMA: dict[str, Key] = {
     "train.amp": Key(bool, "bfloat16 autocast on CUDA (ignored on CPU)"),
     "eval.batch_size": Key(int, "evaluation batch size", _positive, "> 0"),
     "eval.sigma": Key(float, "Gaussian smoothing of the anomaly map, in pixels", _non_negative, ">= 0"),
+    "eval.max_pictures": Key(int, "rows of examples.png (best and worst test cases) in each run folder, "
+                                  "drawn with roc.png; 0 draws no pictures", _non_negative, ">= 0"),
     "output.dir": Key(str, "results go to {output.dir}/{method}/{dataset}/{category}/"),
 }
 
@@ -139,6 +141,10 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise UserError(f"config file {path} does not exist; pass an existing .yaml file") from None
     except yaml.YAMLError as e:
         raise UserError(f"config file {path} is not valid YAML ({str(e).splitlines()[0]}); fix its syntax") from None
+    except UnicodeDecodeError:
+        raise UserError(f"config file {path} is not text (not UTF-8); pass a .yaml file of key: value lines") from None
+    except OSError as e:  # a folder, no permission, an I/O error
+        raise UserError(f"cannot read config file {path} ({e.strerror or e}); pass a readable .yaml file") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

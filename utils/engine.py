@@ -18,14 +18,16 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from datasets import build_datasets
+from datasets import AnomalyDataset, build_datasets
 from models import MemKD, build_model, method_name
 from models.anomaly_map import image_scores
 from utils.checkpoint import (check_fits, config_differences, load_checkpoint, save_checkpoint,
                               teacher_fingerprint)
 from utils.errors import UserError
-from utils.io import write_json
+from utils.io import remove_stale_temporaries, write_json
 from utils.metrics import evaluate_all, threshold_from_normal_scores
+from utils.thresholds import store_thresholds, thresholds_from
+from utils.visualize import save_pictures
 
 # Deployment threshold: this quantile of the anomaly scores of held-out normal images.
 NORMAL_SCORE_QUANTILE = 0.99
@@ -92,6 +94,47 @@ def choose_exemplars(num_train: int, count: int, seed: int) -> list[int]:
     return sorted(torch.randperm(num_train, generator=generator)[:count].tolist())
 
 
+def exemplar_files(dataset: AnomalyDataset, indices: list[int], root: str) -> list[str]:
+    """The exemplar images' paths relative to ``root`` (data.root): which images, wherever the data lives."""
+    names = []
+    for i in indices:
+        path = Path(dataset.samples[i].image)
+        try:
+            names.append(path.relative_to(Path(root).expanduser()).as_posix())
+        except ValueError:
+            names.append(path.as_posix())
+    return names
+
+
+def _check_same_exemplars(saved: dict[str, Any], path: Path, indices: list[int], files: list[str]) -> None:
+    """Refuse to resume when ``last.pt`` was trained with another exemplar set than this run draws.
+
+    The draw depends on the seed, memory.exemplars and the training split; the first two are in the
+    config (checked by check_fits), so a difference means the training images changed under data.root.
+    """
+    if saved.get("exemplars") == indices and saved.get("exemplar_files", files) == files:
+        return
+    was = saved.get("exemplar_files", saved.get("exemplars"))
+    raise UserError(f"checkpoint {path} was trained with exemplar images {was} but this run draws {files}: "
+                    "the training images under data.root changed; restore them, or retrain with train.resume=false")
+
+
+def _non_finite(model: MemKD) -> str | None:
+    """The name of the first student weight or buffer holding nan/inf, or None when all are finite."""
+    for name, tensor in model.student.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
+
+
+def _diverged(what: str, epoch: int, step: int, finished: int, last_path: Path) -> UserError:
+    """The error that stops a diverged run: what broke, where, which checkpoint survives, the fix."""
+    kept = (f"{last_path} from epoch {finished} is kept unchanged" if finished else
+            "no epoch finished, so no checkpoint was written")
+    return UserError(f"training diverged: {what} at epoch {epoch}, step {step}; {kept}; lower train.lr and rerun "
+                     "with train.resume=false, or check the training images")
+
+
 def build_optimizer(parameters: list[torch.nn.Parameter], config: dict[str, Any]) -> torch.optim.Optimizer:
     """SGD (STPM recipe) or Adam (RD4AD recipe) as configured."""
     if config["train.optimizer"] == "sgd":
@@ -126,11 +169,18 @@ def train(model: MemKD, method: str, splits: Any, config: dict[str, Any], run_di
           device: torch.device, fingerprint: str) -> TrainingState:
     """Train the student, writing ``last.pt`` every epoch and ``best.pt`` when validation improves.
 
-    Resumes from ``last.pt`` when ``train.resume`` is set and it fits this config. Each epoch's
-    shuffle is seeded from (seed, epoch), so a resumed run sees exactly the batches it would have.
+    Resumes from ``last.pt`` when ``train.resume`` is set and it fits this config and exemplar set:
+    weights (memories included), optimiser, scheduler, best-so-far and history. No RNG state is
+    saved because none is needed: the student's initialisation and the exemplar draw are seeded
+    from train.seed, each epoch's shuffle from (seed, epoch), and nothing else in training is random
+    (no dropout, no augmentation; DataLoader worker seeds feed no random transform). So a resumed
+    run sees exactly the batches and computes exactly the numbers of an uninterrupted one on CPU.
+    A non-finite loss, or weights that became non-finite, stop training with a UserError before
+    anything is saved, so ``last.pt`` and ``best.pt`` always hold a finite model.
     """
     seed, epochs = config["train.seed"], config["train.epochs"]
     exemplars = choose_exemplars(len(splits.train), config["memory.exemplars"], seed) if model.has_memory else []
+    exemplar_names = exemplar_files(splits.train, exemplars, config["data.root"])
     if exemplars:
         model.set_exemplars(torch.stack([splits.train[i]["image"] for i in exemplars]).to(device))
     optimizer = build_optimizer(model.trainable_parameters(), config)
@@ -140,6 +190,7 @@ def train(model: MemKD, method: str, splits: Any, config: dict[str, Any], run_di
     if config["train.resume"] and last_path.exists():
         saved = load_checkpoint(last_path)
         check_fits(saved, last_path, method, config, fingerprint)
+        _check_same_exemplars(saved, last_path, exemplars, exemplar_names)
         model.student.load_state_dict(saved["student"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
@@ -161,9 +212,7 @@ def train(model: MemKD, method: str, splits: Any, config: dict[str, Any], run_di
                 losses = model.loss(images)
             loss_value = losses["loss"].item()
             if not math.isfinite(loss_value):
-                kept = f"the last good checkpoint is {last_path}" if last_path.exists() else "no checkpoint was written"
-                raise UserError(f"loss became {loss_value} at epoch {epoch}, step {step}; {kept}; "
-                                "lower train.lr or check the data")
+                raise _diverged(f"the loss became {loss_value}", epoch, step, state.epoch, last_path)
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
             optimizer.step()
@@ -175,13 +224,19 @@ def train(model: MemKD, method: str, splits: Any, config: dict[str, Any], run_di
         record = {"epoch": epoch, **{name: total / steps for name, total in sums.items()}}
         if len(splits.val):
             record["val_kd"] = validation_error(model, splits.val, config, device)
+        # The last step's update can make the weights non-finite with a still finite loss: check
+        # them (and the validation error) before they reach a checkpoint.
+        broken = _non_finite(model)
+        if broken is not None or not math.isfinite(record.get("val_kd", 0.0)):
+            what = f"student weight {broken} became non-finite" if broken else f"val_kd became {record['val_kd']}"
+            raise _diverged(what, epoch, steps, state.epoch, last_path)
         # Without a validation slice the last epoch is the one we keep.
         error = record.get("val_kd", -epoch)
         state.seconds += time.perf_counter() - started
         state.history.append(record)
         state.epoch = epoch
         common = dict(method=method, config=config, student=model.student, fingerprint=fingerprint, epoch=epoch,
-                      exemplars=exemplars)
+                      exemplars=exemplars, exemplar_files=exemplar_names)
         if error < state.best_error:
             state.best_error, state.best_epoch = error, epoch
             save_checkpoint(best_path, **common)
@@ -208,14 +263,16 @@ def anomaly_maps(model: MemKD, dataset: Dataset, config: dict[str, Any], device:
             "has_mask": torch.cat(has_mask)}
 
 
-def evaluate(model: MemKD, splits: Any, config: dict[str, Any], device: torch.device) -> dict[str, float]:
-    """All metrics on the test split, plus the deployment threshold from validation normal images."""
+def evaluate(model: MemKD, splits: Any, config: dict[str, Any],
+             device: torch.device) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """All metrics on the test split, plus the deployment threshold from validation normal images;
+    and the test split's :func:`anomaly_maps`, for the pictures."""
     test = anomaly_maps(model, splits.test, config, device)
     metrics = evaluate_all(image_scores(test["maps"]), test["labels"], test["maps"], test["masks"], test["has_mask"])
     if len(splits.val):
         val_scores = image_scores(anomaly_maps(model, splits.val, config, device, desc="validation scores")["maps"])
         metrics["normal_threshold"] = threshold_from_normal_scores(val_scores, NORMAL_SCORE_QUANTILE)
-    return metrics
+    return metrics, test
 
 
 def finished_results(run_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:
@@ -242,9 +299,14 @@ def run_category(method: str, config: dict[str, Any], category: str) -> dict[str
                        "(train.resume=false retrains)")
             return done
     _ensure_writable(run_dir)
+    remove_stale_temporaries(run_dir)  # left by a run killed mid-save; the files they were replacing are intact
     device = select_device(config["train.device"])
     splits = build_datasets(config["data.dataset"], config["data.root"], category, config["data.image_size"],
                             config["data.val_fraction"], config["train.seed"], config["data.download"])
+    # Decode every image now, in this process: a file broken past its header is reported before any
+    # training, as one line, and DataLoader workers inherit the decoded cache instead of re-decoding.
+    for split in ((splits.train,) if config["phase"] == "train" else ()) + (splits.val, splits.test):
+        split.preload()
     model = build_model(method, config).to(device)
     fingerprint = teacher_fingerprint(model.teacher)
     name = method_name(method, config["memory.enabled"])
@@ -261,8 +323,13 @@ def run_category(method: str, config: dict[str, Any], category: str) -> dict[str
     model.student.load_state_dict(best["student"])
 
     started = time.perf_counter()
-    metrics = evaluate(model, splits, config, device)
+    metrics, test = evaluate(model, splits, config, device)
     eval_seconds = time.perf_counter() - started
+    thresholds = thresholds_from(metrics, test["maps"])
+    store_thresholds(best_path, thresholds, best)  # best.pt alone is then deployable, by predict.py
+    started = time.perf_counter()
+    save_pictures(run_dir, splits.test, test, metrics, thresholds, config["eval.max_pictures"])
+    picture_seconds = time.perf_counter() - started
     last_record = state.history[-1] if state.history else {}
     results = {
         "method": name, "script_method": method, "backbone": config["model.backbone"],
@@ -272,6 +339,7 @@ def run_category(method: str, config: dict[str, Any], category: str) -> dict[str
         "seed": config["train.seed"],
         # phase=test trains nothing, so it reports no training time rather than zero.
         "train_seconds": round(state.seconds, 2) if state.history else None, "eval_seconds": round(eval_seconds, 2),
+        "picture_seconds": round(picture_seconds, 2),
         "recall_entropy": last_record.get("recall_entropy"), "exemplar_entropy": last_record.get("exemplar_entropy"),
         "device": str(device), "config": {k: v for k, v in config.items()},
     }

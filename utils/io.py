@@ -3,32 +3,68 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, IO
 
 import torch
 
+from utils.errors import UserError
+
+TEMPORARY_SUFFIX = ".tmp"
+# The mode open() would give a new file: 0o666 less the process umask (read once, at import).
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK
+# tempfile.mkstemp's names: our prefix ".<name>.", 8 random characters, the suffix.
+_TEMPORARY_NAME = re.compile(r"\..+\.[a-z0-9_]{8}" + re.escape(TEMPORARY_SUFFIX))
+
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
     """Write ``path`` through ``write(file)`` into a temporary file beside it, fsync, then rename.
 
     ``os.replace`` is atomic on POSIX and Windows, so readers see the old file or the new one.
+    If anything fails (or the write is interrupted) the temporary file is removed and the previous
+    ``path``, if any, is left untouched; an OSError (disk full, no permission) becomes a UserError.
+    A process killed outright (SIGKILL, power loss) can leave the temporary file behind, named
+    ``.<name>.<random>.tmp``: :func:`remove_stale_temporaries` clears those.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp: str | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX)
+        os.chmod(tmp, _FILE_MODE)  # mkstemp makes owner-only files; results are meant to be shared
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            kept = f"the previous {path.name} is unchanged" if path.exists() else f"{path.name} was not written"
+            raise UserError(f"cannot write {path} ({e.strerror or e}); {kept}; free disk space or set "
+                            "output.dir to a writable folder") from e
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary files of atomic writes that were killed mid-way in ``folder``; return them.
+
+    Only files named like :func:`atomic_write`'s temporaries (``.<name>.<random>.tmp``) are touched.
+    Call it only where no other process is writing into ``folder`` at the same time.
+    """
+    removed = []
+    for candidate in Path(folder).glob(f".*{TEMPORARY_SUFFIX}"):
+        if _TEMPORARY_NAME.fullmatch(candidate.name) and candidate.is_file():
+            candidate.unlink(missing_ok=True)
+            removed.append(candidate)
+    return removed
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -1,8 +1,14 @@
-"""The printed AUROC table and the sweep summary."""
+"""The printed table at the end of a run, and results/summary.md / summary.csv over every run."""
 from __future__ import annotations
 
+import csv
+import io
+import json
 import math
+from pathlib import Path
 from typing import Any, Sequence
+
+from utils.io import write_text
 
 # (results.json key, column header); values are fractions, printed as percentages like the papers.
 COLUMNS: tuple[tuple[str, str], ...] = (
@@ -37,3 +43,119 @@ def format_table(title: str, rows: Sequence[dict[str, Any]], with_mean: bool) ->
             lines.append("-" * len(header))
         lines.append(f"{row['category']:<{width}}  " + "  ".join(f"{_cell(row.get(k)):>8}" for k, _ in COLUMNS))
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- results/summary.md and .csv
+
+# MVTec AD means reported by the papers (image / pixel AUROC, fractions); printed as "paper" rows.
+PAPER_DATASET = "mvtec"
+PAPER_MEANS: dict[str, dict[str, float]] = {
+    "MemKD": {"image_auroc": 0.996, "pixel_auroc": 0.982},  # Gu et al., ICCV 2023
+    "RD4AD": {"image_auroc": 0.985, "pixel_auroc": 0.978},  # Deng & Li, CVPR 2022
+    "STPM": {"image_auroc": 0.955, "pixel_auroc": 0.970},   # Wang et al., BMVC 2021
+}
+METHOD_ORDER = ("MemKD-ST", "STPM", "MemKD-RD", "RD4AD")
+SUMMARY_FIELDS: tuple[str, ...] = ("dataset", "method", "source", "category", *(key for key, _ in COLUMNS))
+
+
+def collect_results(output_dir: Path) -> tuple[dict[str, dict[str, list[dict[str, Any]]]], list[Path]]:
+    """Every run's results.json under ``output_dir/{method}/{dataset}/{category}/``.
+
+    Returns ``({dataset: {method: [results sorted by category]}}, unreadable files)``; methods
+    are in the order of METHOD_ORDER, then by name.
+    """
+    found: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    unreadable: list[Path] = []
+    for path in sorted(Path(output_dir).glob("*/*/*/results.json")):
+        try:
+            results = json.loads(path.read_text())
+            dataset, method, category = results["dataset"], results["method"], results["category"]
+        except (OSError, ValueError, KeyError, TypeError):
+            unreadable.append(path)
+            continue
+        found.setdefault(str(dataset), {}).setdefault(str(method), []).append({**results, "category": str(category)})
+    rank = {name: i for i, name in enumerate(METHOD_ORDER)}
+    ordered = {
+        dataset: {m: sorted(methods[m], key=lambda r: r["category"])
+                  for m in sorted(methods, key=lambda m: (rank.get(m, len(rank)), m))}
+        for dataset, methods in sorted(found.items())
+    }
+    return ordered, unreadable
+
+
+def summary_rows(collected: dict[str, dict[str, list[dict[str, Any]]]]) -> list[dict[str, Any]]:
+    """Flat rows (SUMMARY_FIELDS) for the CSV: per dataset and method, its categories and a mean row;
+    for MVTec AD, the papers' means as rows with source "paper"."""
+    rows: list[dict[str, Any]] = []
+    for dataset, methods in collected.items():
+        for method, results in methods.items():
+            for row in [*results, mean_row(results)]:
+                rows.append({"dataset": dataset, "method": method, "source": "ours", "category": row["category"],
+                             **{key: row.get(key) for key, _ in COLUMNS}})
+        if dataset == PAPER_DATASET:
+            for method, means in PAPER_MEANS.items():
+                rows.append({"dataset": dataset, "method": method, "source": "paper", "category": "mean",
+                             **{key: means.get(key) for key, _ in COLUMNS}})
+    return rows
+
+
+def _csv_value(value: Any) -> Any:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.6g}"
+    return "" if value is None else value
+
+
+def format_summary_csv(rows: Sequence[dict[str, Any]]) -> str:
+    """The summary as CSV text: metrics as fractions in [0, 1], empty where undefined."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=SUMMARY_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: _csv_value(row.get(k)) for k in SUMMARY_FIELDS} for row in rows)
+    return buffer.getvalue()
+
+
+def _markdown_table(first: Sequence[str], rows: Sequence[tuple[Sequence[str], dict[str, Any]]]) -> list[str]:
+    """A markdown table: the ``first`` label columns, then one column per COLUMNS entry in percent."""
+    lines = ["| " + " | ".join([*first, *(header for _, header in COLUMNS)]) + " |",
+             "|" + "---|" * len(first) + "---:|" * len(COLUMNS)]
+    for labels, row in rows:
+        lines.append("| " + " | ".join([*labels, *(_cell(row.get(key)) for key, _ in COLUMNS)]) + " |")
+    return lines
+
+
+def _setting(results: Sequence[dict[str, Any]]) -> str:
+    """'resnet18, 256 px' (several values joined with '/' when categories differ)."""
+    def values(key: str) -> str:
+        return "/".join(sorted({str(r.get(key, "?")) for r in results}))
+    return f"{values('backbone')}, {values('image_size')} px"
+
+
+def format_summary_markdown(collected: dict[str, dict[str, list[dict[str, Any]]]],
+                            unreadable: Sequence[Path] = ()) -> str:
+    """results/summary.md: per dataset, a table per method (categories and mean, metrics in %),
+    then the methods' means side by side, with the papers' means on MVTec AD."""
+    lines = ["# Results", "", "Metrics in percent; `-` where a metric is undefined. "
+             "Regenerated at the end of every run from the results.json files below this folder.", ""]
+    if not collected:
+        lines.append("No finished runs yet.")
+    for dataset, methods in collected.items():
+        lines += [f"## {dataset}", ""]
+        for method, results in methods.items():
+            lines += [f"### {method} ({_setting(results)})", ""]
+            body = [((r["category"],), r) for r in results] + [(("**mean**",), mean_row(results))]
+            lines += _markdown_table(("category",), body) + [""]
+        means = [((method, "ours"), mean_row(results)) for method, results in methods.items()]
+        if dataset == PAPER_DATASET:
+            means += [((method, "paper"), dict(values)) for method, values in PAPER_MEANS.items()]
+        lines += ["### Means", ""] + _markdown_table(("method", "source"), means) + [""]
+    if unreadable:
+        lines += ["Skipped (unreadable results.json): " + ", ".join(str(p) for p in unreadable), ""]
+    return "\n".join(lines)
+
+
+def write_summary(output_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``summary.md`` and ``summary.csv`` into ``output_dir`` from every run found there."""
+    collected, unreadable = collect_results(Path(output_dir))
+    markdown = write_text(Path(output_dir) / "summary.md", format_summary_markdown(collected, unreadable))
+    table = write_text(Path(output_dir) / "summary.csv", format_summary_csv(summary_rows(collected)))
+    return markdown, table
