@@ -1,10 +1,18 @@
 """Shared fixtures that build miniature datasets (generators live in tests/fixtures.py)."""
 
+import os
 from pathlib import Path
 
-import pytest
+# One torch thread per test process (and its subprocesses): on two shared cores, competing
+# intra-op threads made the end-to-end tests several times slower, and it keeps runs bit-identical.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from tests.fixtures import make_mvtec_folder
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from tests.fixtures import make_mvtec_folder  # noqa: E402
+
+torch.set_num_threads(1)
 
 
 @pytest.fixture

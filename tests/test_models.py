@@ -15,8 +15,6 @@ from models.losses import distillation_loss, normality_embedding_loss, orthogona
 from models.memory import NormalityMemory, normalised_entropy
 from utils.config import load_config
 
-torch.set_num_threads(2)
-
 EXPECTED_CHANNELS = {"resnet18": (64, 128, 256), "resnet34": (64, 128, 256), "resnet50": (256, 512, 1024),
                      "wide_resnet50_2": (256, 512, 1024), "mobilenet_v2": (24, 32, 96)}
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.fixtures import make_mvtec_folder
+from tests.fixtures import make_mvtec_folder, tiny_run_args
 from utils.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -16,10 +16,7 @@ RESULT_FIELDS = {"method", "backbone", "teacher_weights", "dataset", "category",
 
 
 def small_run(data_root: Path, out: Path, *extra: str) -> list[str]:
-    return ["data.dataset=mvtec", f"data.root={data_root}", "data.category=widget", "data.image_size=64",
-            "data.num_workers=0", "data.val_fraction=0.25", "model.backbone=resnet18", "model.pretrained=false",
-            "train.epochs=2", "train.batch_size=4", "eval.batch_size=4", "memory.exemplars=2", f"output.dir={out}",
-            *extra]
+    return tiny_run_args(data_root, out, *extra, epochs=2)
 
 
 @pytest.fixture(scope="module")
