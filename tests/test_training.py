@@ -87,3 +87,33 @@ def test_validation_uses_train_images_only(data_root, tmp_path):
     val_paths = {splits.val[i]["path"] for i in range(len(splits.val))}
     assert val_paths and all("/train/good/" in p for p in val_paths)
     assert not val_paths & {splits.train[i]["path"] for i in range(len(splits.train))}
+
+
+def test_validation_returns_the_student_to_train_mode(data_root):
+    from datasets import build_datasets
+    from models import build_model
+    from utils.config import load_config
+    from utils.engine import validation_error
+
+    config = load_config("st", tiny_run_args(data_root, "unused"))
+    model = build_model("st", config)
+    model.train()
+    splits = build_datasets("mvtec", data_root, "widget", 64, 0.25, 0)
+    error = validation_error(model, splits.val, config, torch.device("cpu"))
+    assert error > 0 and model.student.training and not model.teacher.training
+
+
+def test_category_all_runs_every_category_and_prints_a_mean_row(tmp_path, capsys):
+    args = ["configs/demo.yaml", f"data.root={tmp_path / 'demo'}", "data.image_size=64", "train.epochs=1",
+            "model.fallback_to_random=false", "model.pretrained=false", "memory.exemplars=2",
+            "eval.max_pictures=0", f"output.dir={tmp_path / 'out'}"]
+    assert main("st", [str(ROOT / args[0]), *args[1:]]) == 0
+    out = capsys.readouterr().out
+    table = out[out.index("MemKD-ST on demo"):]
+    assert all(f"\n{c} " in table for c in ("brick", "gravel", "grass")) and "\nmean " in table
+    summary_path = tmp_path / "out" / "memkd-st" / "demo" / "summary.json"
+    assert out.strip().splitlines()[-1] == f"summary: {summary_path}"
+    summary = json.loads(summary_path.read_text())
+    assert [r["category"] for r in summary["categories"]] == ["brick", "gravel", "grass"]
+    assert summary["mean"]["image_auroc"] == pytest.approx(
+        sum(r["image_auroc"] for r in summary["categories"]) / 3)

@@ -60,7 +60,7 @@ SCHEMA: dict[str, Key] = {
                            lambda v: v >= 32 and v % 32 == 0, "a multiple of 32, at least 32"),
     "data.val_fraction": Key(float, "share of the TRAIN normal images held out for model selection",
                              lambda v: 0 <= v < 1, "in [0, 1)"),
-    "data.download": Key(bool, "download the dataset into data.root when it is missing (MVTec AD, VisA, BTAD)"),
+    "data.download": Key(bool, "download the dataset into data.root when it is missing (MVTec AD, VisA, BTAD, MVTec 3D-AD)"),
     "data.num_workers": Key(int, "DataLoader worker processes", _non_negative, ">= 0"),
     "model.backbone": Key(str, "teacher network (the ST student copies it)",
                           choices=("resnet18", "resnet34", "resnet50", "wide_resnet50_2", "mobilenet_v2")),
