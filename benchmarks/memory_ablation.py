@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from models import method_name  # noqa: E402
 from utils.cli import run_categories  # noqa: E402
 from utils.config import load_config  # noqa: E402
-from utils.report import mean_row  # noqa: E402
+from utils.report import mean_row, write_summary  # noqa: E402
 
 VARIANTS = (("st", False), ("st", True), ("rd", False), ("rd", True))
 
@@ -52,6 +52,8 @@ def main(argv: list[str]) -> None:
             print(f"  {n:<10} {student:.3f} / {exemplar:.3f}")
     print("\ntraining seconds (all categories): " + ", ".join(
         f"{n} {sum(r['train_seconds'] or 0 for r in runs[n]):.0f}" for n in names))
+    report, _ = write_summary(config["output.dir"])
+    print(f"all metrics: {report} (and summary.csv)")
 
 
 if __name__ == "__main__":
