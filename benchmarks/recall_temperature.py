@@ -27,8 +27,8 @@ def main(argv: list[str]) -> None:
     options, script_args = parser.parse_known_args(argv)
     rows = []
     for temperature in [float(t) for t in options.temperatures.split(",")]:
-        config = load_config(options.method, ["output.dir=results/benchmarks/temperature", *script_args,
-                                              f"memory.temperature={temperature}",
+        # One output folder per temperature, so the runs do not resume or skip each other.
+        config = load_config(options.method, [*script_args, f"memory.temperature={temperature}",
                                               f"output.dir=results/benchmarks/temperature/T{temperature}"])
         results = run_categories(options.method, config)
         mean = mean_row(results)
