@@ -46,6 +46,7 @@ def test_int_is_accepted_for_float_keys():
     ("memory.temperature=0", "'memory.temperature'"),
     ("model.backbone=vgg16", "choose one of resnet18"),
     ("data.image_size=100", "multiple of 32"),
+    ("data.image_size=32", "at least 64"),
     ("memory.enabled=maybe", "'memory.enabled' must be true or false"),
     ("train.betas=[0.5]", "'train.betas'"),
     ("loss.lambda1=-1", "'loss.lambda1'"),

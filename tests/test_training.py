@@ -117,3 +117,20 @@ def test_category_all_runs_every_category_and_prints_a_mean_row(tmp_path, capsys
     assert [r["category"] for r in summary["categories"]] == ["brick", "gravel", "grass"]
     assert summary["mean"]["image_auroc"] == pytest.approx(
         sum(r["image_auroc"] for r in summary["categories"]) / 3)
+
+
+@pytest.mark.parametrize("dataset, make, category", [
+    ("mvtec", "make_mvtec_folder", "widget"), ("mpdd", "make_mvtec_folder", "widget"),
+    ("btad", "make_btad_folder", "01"), ("mvtec3d", "make_mvtec3d_folder", "bagel"),
+    ("eyecandies", "make_eyecandies_folder", "CandyCane"), ("visa", "make_visa_folder", "candle"),
+    ("folder", "make_user_folder", "parts"),
+])
+def test_one_short_training_run_on_each_dataset_layout(dataset, make, category, tmp_path):
+    import tests.fixtures as fixtures
+
+    root = getattr(fixtures, make)(tmp_path / "data", (category,) if dataset == "visa" else category)
+    args = tiny_run_args(root, tmp_path / "out", f"data.dataset={dataset}", f"data.category={category}",
+                         "memory.exemplars=1", "data.val_fraction=0.2")
+    assert main("rd", args) == 0
+    results = json.loads((tmp_path / "out" / "memkd-rd" / dataset / category / "results.json").read_text())
+    assert results["dataset"] == dataset and 0 <= results["image_auroc"] <= 1

@@ -56,8 +56,10 @@ SCHEMA: dict[str, Key] = {
     "data.dataset": Key(str, "dataset layout", choices=("mvtec", "visa", "mpdd", "mvtec3d", "eyecandies", "btad", "folder", "demo")),
     "data.root": Key(str, "folder that holds the dataset's category folders"),
     "data.category": Key(str, "one category, or `all` for every category of the dataset in turn"),
-    "data.image_size": Key(int, "images (and masks) are resized to this square size; a multiple of 32",
-                           lambda v: v >= 32 and v % 32 == 0, "a multiple of 32, at least 32"),
+    # A multiple of 32 so every stage (RD's bottleneck is at stride 32) tiles the image exactly; at
+    # least 64 so that bottleneck keeps 2x2 positions, which BatchNorm needs for a batch of one.
+    "data.image_size": Key(int, "images (and masks) are resized to this square size; a multiple of 32, at least 64",
+                           lambda v: v >= 64 and v % 32 == 0, "a multiple of 32, at least 64"),
     "data.val_fraction": Key(float, "share of the TRAIN normal images held out for model selection",
                              lambda v: 0 <= v < 1, "in [0, 1)"),
     "data.download": Key(bool, "download the dataset into data.root when it is missing (MVTec AD, VisA, BTAD, MVTec 3D-AD)"),
