@@ -165,6 +165,28 @@ def validation_error(model: MemKD, dataset: Dataset, config: dict[str, Any], dev
     return total / max(count, 1)
 
 
+def _train_one_epoch(model: MemKD, optimizer: torch.optim.Optimizer, loader: DataLoader, config: dict[str, Any],
+                     device: torch.device, epoch: int, state: TrainingState, last_path: Path) -> dict[str, float]:
+    """One pass over the training images; the mean of every logged loss term over its steps."""
+    sums: dict[str, float] = {}
+    steps = 0
+    for step, batch in enumerate(tqdm(loader, desc=f"epoch {epoch}/{config['train.epochs']}", leave=False,
+                                      disable=None), start=1):
+        images = batch["image"].to(device, non_blocking=True)
+        with _autocast(config, device):
+            losses = model.loss(images)
+        loss_value = losses["loss"].item()
+        if not math.isfinite(loss_value):
+            raise _diverged(f"the loss became {loss_value}", epoch, step, state.epoch, last_path)
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        optimizer.step()
+        for name, value in losses.items():
+            sums[name] = sums.get(name, 0.0) + float(value.detach())
+        steps += 1
+    return {name: total / steps for name, total in sums.items()}
+
+
 def train(model: MemKD, method: str, splits: Any, config: dict[str, Any], run_dir: Path,
           device: torch.device, fingerprint: str) -> TrainingState:
     """Train the student, writing ``last.pt`` every epoch and ``best.pt`` when validation improves.
@@ -204,24 +226,8 @@ def train(model: MemKD, method: str, splits: Any, config: dict[str, Any], run_di
         started = time.perf_counter()
         generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         loader = _loader(splits.train, config["train.batch_size"], config, device, generator)
-        sums: dict[str, float] = {}
-        steps = 0
-        for step, batch in enumerate(tqdm(loader, desc=f"epoch {epoch}/{epochs}", leave=False, disable=None), start=1):
-            images = batch["image"].to(device, non_blocking=True)
-            with _autocast(config, device):
-                losses = model.loss(images)
-            loss_value = losses["loss"].item()
-            if not math.isfinite(loss_value):
-                raise _diverged(f"the loss became {loss_value}", epoch, step, state.epoch, last_path)
-            optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            optimizer.step()
-            for name, value in losses.items():
-                sums[name] = sums.get(name, 0.0) + float(value.detach())
-            steps += 1
+        record = {"epoch": epoch, **_train_one_epoch(model, optimizer, loader, config, device, epoch, state, last_path)}
         scheduler.step()
-
-        record = {"epoch": epoch, **{name: total / steps for name, total in sums.items()}}
         if len(splits.val):
             record["val_kd"] = validation_error(model, splits.val, config, device)
         # The last step's update can make the weights non-finite with a still finite loss: check
@@ -229,7 +235,7 @@ def train(model: MemKD, method: str, splits: Any, config: dict[str, Any], run_di
         broken = _non_finite(model)
         if broken is not None or not math.isfinite(record.get("val_kd", 0.0)):
             what = f"student weight {broken} became non-finite" if broken else f"val_kd became {record['val_kd']}"
-            raise _diverged(what, epoch, steps, state.epoch, last_path)
+            raise _diverged(what, epoch, len(loader), state.epoch, last_path)
         # Without a validation slice the last epoch is the one we keep.
         error = record.get("val_kd", -epoch)
         state.seconds += time.perf_counter() - started
