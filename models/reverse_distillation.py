@@ -1,23 +1,40 @@
 """RD4AD student: a one-class bottleneck and a decoder that rebuilds the teacher's features.
 
-The decoder is built from torchvision's own ResNet ``Bottleneck`` block (no copied network code);
-each stage first doubles the resolution with a transposed convolution, then refines.
+Built from torchvision's own ResNet blocks (no copied network code), of the teacher's kind:
+``BasicBlock`` for resnet18/34 (and MobileNetV2), ``Bottleneck`` for resnet50/wide_resnet50_2,
+as RD4AD's de_resnet does. Each decoder stage first doubles the resolution with a transposed
+convolution, then refines with residual blocks.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
-from torchvision.models.resnet import Bottleneck
+from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from models.memory import MemoryFusion
 from models.student import MemorySettings, StudentOutput
 
-# Residual blocks per decoder stage (the stage rebuilding teacher stage 3, 2, 1), as in RD4AD's
-# de_resnet: [3, 4, 6] for the deep ResNets, [2, 2, 2] for the small ones.
-DECODER_BLOCKS = {"resnet18": (2, 2, 2), "resnet34": (3, 4, 6), "resnet50": (3, 4, 6),
-                  "wide_resnet50_2": (3, 4, 6), "mobilenet_v2": (2, 2, 2)}
-# Bottleneck width per group: wide_resnet50_2 doubles it, and its decoder mirrors that.
-BLOCK_WIDTH = {"wide_resnet50_2": 128}
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """RD4AD's choices per backbone: block kind, blocks per decoder stage (rebuilding teacher
+    stages 3, 2, 1), blocks in the one-class embedding, and the Bottleneck width per group."""
+
+    block: type[BasicBlock] | type[Bottleneck]
+    stage_blocks: tuple[int, int, int]
+    embed_blocks: int
+    base_width: int = 64
+
+
+DECODERS: dict[str, DecoderSpec] = {
+    "resnet18": DecoderSpec(BasicBlock, (2, 2, 2), 2),
+    "resnet34": DecoderSpec(BasicBlock, (3, 4, 6), 2),
+    "resnet50": DecoderSpec(Bottleneck, (3, 4, 6), 3),
+    "wide_resnet50_2": DecoderSpec(Bottleneck, (3, 4, 6), 3, base_width=128),  # mirrors its doubled width
+    "mobilenet_v2": DecoderSpec(BasicBlock, (2, 2, 2), 2),  # ours: full-width blocks on its thin features
+}
 
 
 def _conv_bn_relu(c_in: int, c_out: int, stride: int, transposed: bool = False) -> nn.Sequential:
@@ -26,20 +43,27 @@ def _conv_bn_relu(c_in: int, c_out: int, stride: int, transposed: bool = False) 
     return nn.Sequential(conv, nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
 
 
-def _residual_blocks(channels: int, count: int, base_width: int) -> list[nn.Module]:
-    if channels % Bottleneck.expansion:
-        raise ValueError(f"decoder channels {channels} must be divisible by {Bottleneck.expansion}")
-    return [Bottleneck(channels, channels // Bottleneck.expansion, base_width=base_width) for _ in range(count)]
+def _blocks(spec: DecoderSpec, c_in: int, c_out: int, count: int, stride: int = 1) -> list[nn.Module]:
+    """``count`` residual blocks of ``spec.block`` from c_in to c_out channels, the first one strided."""
+    if c_out % spec.block.expansion:
+        raise ValueError(f"decoder channels {c_out} must be divisible by {spec.block.expansion}")
+    planes = c_out // spec.block.expansion
+    width = {"base_width": spec.base_width} if spec.block is Bottleneck else {}
+    downsample = None
+    if stride != 1 or c_in != c_out:
+        downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
+    first = spec.block(c_in, planes, stride=stride, downsample=downsample, **width)
+    return [first, *(spec.block(c_out, planes, **width) for _ in range(count - 1))]
 
 
 class OneClassBottleneck(nn.Module):
     """Multi-scale feature fusion + one-class embedding (RD4AD's OCBE).
 
-    Stages 1 and 2 are strided down to stage 3's resolution, all three are concatenated, and a
-    strided Bottleneck block squeezes them into a compact 2*C3-channel embedding at stride 32.
+    Stages 1 and 2 are strided down to stage 3's resolution, all three are concatenated, and
+    residual blocks (the first one strided) squeeze them into a 2*C3-channel embedding at stride 32.
     """
 
-    def __init__(self, channels: tuple[int, int, int], base_width: int = 64):
+    def __init__(self, channels: tuple[int, int, int], spec: DecoderSpec):
         super().__init__()
         c1, c2, c3 = channels
         self.align = nn.ModuleList([
@@ -48,10 +72,7 @@ class OneClassBottleneck(nn.Module):
             nn.Identity(),
         ])
         self.out_channels = 2 * c3
-        downsample = nn.Sequential(nn.Conv2d(3 * c3, self.out_channels, 1, stride=2, bias=False),
-                                   nn.BatchNorm2d(self.out_channels))
-        self.embed = Bottleneck(3 * c3, self.out_channels // Bottleneck.expansion, stride=2,
-                                downsample=downsample, base_width=base_width)
+        self.embed = nn.Sequential(*_blocks(spec, 3 * c3, self.out_channels, spec.embed_blocks, stride=2))
 
     def forward(self, teacher_features: list[Tensor]) -> Tensor:
         aligned = [align(f) for align, f in zip(self.align, teacher_features)]
@@ -68,13 +89,13 @@ class RDStudent(nn.Module):
 
     def __init__(self, backbone: str, teacher_channels: tuple[int, int, int], memory: MemorySettings | None):
         super().__init__()
-        base_width = BLOCK_WIDTH.get(backbone, 64)
-        self.bottleneck = OneClassBottleneck(teacher_channels, base_width)
+        spec = DECODERS[backbone]
+        self.bottleneck = OneClassBottleneck(teacher_channels, spec)
         outputs = teacher_channels[::-1]
         inputs = (self.bottleneck.out_channels, *outputs[:-1])
         self.decoder = nn.ModuleList(
-            nn.Sequential(_conv_bn_relu(c_in, c_out, 2, transposed=True), *_residual_blocks(c_out, n, base_width))
-            for c_in, c_out, n in zip(inputs, outputs, DECODER_BLOCKS[backbone]))
+            nn.Sequential(_conv_bn_relu(c_in, c_out, 2, transposed=True), *_blocks(spec, c_out, c_out, n))
+            for c_in, c_out, n in zip(inputs, outputs, spec.stage_blocks))
         self.memory_targets: tuple[int, ...] = (2, 1) if memory else ()
         self.memories = nn.ModuleList(
             MemoryFusion(teacher_channels[t], memory.slots, memory.temperature) for t in self.memory_targets)
