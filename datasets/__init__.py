@@ -31,13 +31,11 @@ DATASET_NAMES: tuple[str, ...] = ("mvtec", "visa", "mpdd", "mvtec3d", "eyecandie
 
 @dataclass
 class DatasetSplits:
-    """The three splits of one category. ``exemplar_pool`` is the train split itself: the
-    images memory exemplars may be drawn from (never val or test)."""
+    """The three splits of one category; memory exemplars are drawn from ``train`` only."""
 
     train: AnomalyDataset
     val: AnomalyDataset
     test: AnomalyDataset
-    exemplar_pool: AnomalyDataset
 
 
 def _check_name(dataset: str) -> None:
@@ -123,10 +121,8 @@ def build_datasets(
     index = _index(dataset, root, category, int(seed), download)
     train, val = seeded_split(index.train, float(val_fraction), int(seed))
     check_files(train + val + index.test)
-    train_ds = AnomalyDataset(train, image_size)
     return DatasetSplits(
-        train=train_ds,
+        train=AnomalyDataset(train, image_size),
         val=AnomalyDataset(val, image_size),
         test=AnomalyDataset(index.test, image_size),
-        exemplar_pool=train_ds,
     )

@@ -60,8 +60,7 @@ def _autocast(config: dict[str, Any], device: torch.device) -> contextlib.Abstra
 def _loader(dataset: Dataset, batch_size: int, config: dict[str, Any], device: torch.device,
             generator: torch.Generator | None = None) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, shuffle=generator is not None, generator=generator,
-                      num_workers=config["data.num_workers"], pin_memory=device.type == "cuda",
-                      persistent_workers=False)
+                      num_workers=config["data.num_workers"], pin_memory=device.type == "cuda")
 
 
 def _ensure_writable(folder: Path) -> None:
