@@ -15,7 +15,7 @@ import stat
 import tarfile
 import threading
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -330,13 +330,22 @@ def test_repeated_truncation_keeps_the_part_and_the_next_call_resumes(server, tm
     assert_installed(root)
 
 
-def test_existing_part_is_resumed_with_range(server, tmp_path):
+def served_with_part(server, tmp_path: Path, part: Callable[[bytes], bytes]):
+    """The toy archive served, and ``part(archive bytes)`` left as its partial download under root.
+
+    Returns (server state, registry, root, archive bytes).
+    """
     state, base = server
     data = tar_bytes(GOOD_FILES)
     registry = {"toy": entry(serve(state, base, "toy.tar.gz", data), data, "toy.tar.gz")}
     root = tmp_path / "root"
     (root / ".download").mkdir(parents=True)
-    (root / ".download/toy.tar.gz.part").write_bytes(data[:100])
+    (root / ".download/toy.tar.gz.part").write_bytes(part(data))
+    return state, registry, root, data
+
+
+def test_existing_part_is_resumed_with_range(server, tmp_path):
+    state, registry, root, _ = served_with_part(server, tmp_path, lambda data: data[:100])
 
     ensure_downloaded("toy", root, registry=registry, progress=False)
 
@@ -345,13 +354,8 @@ def test_existing_part_is_resumed_with_range(server, tmp_path):
 
 
 def test_server_ignoring_range_restarts_cleanly_from_zero(server, tmp_path):
-    state, base = server
-    data = tar_bytes(GOOD_FILES)
-    registry = {"toy": entry(serve(state, base, "toy.tar.gz", data), data, "toy.tar.gz")}
-    root = tmp_path / "root"
-    (root / ".download").mkdir(parents=True)
     # Garbage in the part: appending the 200 body to it would fail the checksum.
-    (root / ".download/toy.tar.gz.part").write_bytes(b"\0" * 100)
+    state, registry, root, _ = served_with_part(server, tmp_path, lambda data: b"\0" * 100)
     state.ignore_range = True
 
     ensure_downloaded("toy", root, registry=registry, progress=False)
@@ -361,12 +365,7 @@ def test_server_ignoring_range_restarts_cleanly_from_zero(server, tmp_path):
 
 
 def test_part_larger_than_the_file_restarts_from_zero(server, tmp_path):
-    state, base = server
-    data = tar_bytes(GOOD_FILES)
-    registry = {"toy": entry(serve(state, base, "toy.tar.gz", data), data, "toy.tar.gz")}
-    root = tmp_path / "root"
-    (root / ".download").mkdir(parents=True)
-    (root / ".download/toy.tar.gz.part").write_bytes(data + b"trailing junk")
+    state, registry, root, data = served_with_part(server, tmp_path, lambda data: data + b"trailing junk")
 
     ensure_downloaded("toy", root, registry=registry, progress=False)
 
@@ -375,12 +374,7 @@ def test_part_larger_than_the_file_restarts_from_zero(server, tmp_path):
 
 
 def test_complete_part_is_verified_without_downloading_again(server, tmp_path):
-    state, base = server
-    data = tar_bytes(GOOD_FILES)
-    registry = {"toy": entry(serve(state, base, "toy.tar.gz", data), data, "toy.tar.gz")}
-    root = tmp_path / "root"
-    (root / ".download").mkdir(parents=True)
-    (root / ".download/toy.tar.gz.part").write_bytes(data)
+    state, registry, root, data = served_with_part(server, tmp_path, lambda data: data)
 
     ensure_downloaded("toy", root, registry=registry, progress=False)
 
