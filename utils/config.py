@@ -12,7 +12,6 @@ is a flat ``dict`` (``"train.lr" -> 0.4``) and is saved in every checkpoint and 
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -97,17 +96,6 @@ SCHEMA: dict[str, Key] = {
 
 
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list"}
-
-
-def _nest(flat: dict[str, Any]) -> dict[str, Any]:
-    nested: dict[str, Any] = {}
-    for dotted, value in flat.items():
-        node = nested
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return nested
 
 
 def _flatten(tree: dict[str, Any], source: str, prefix: str = "") -> dict[str, Any]:
@@ -232,7 +220,3 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
         raise UserError(f"unknown config key '{unknown[0]}'")
     return {k: _coerce(k, config[k]) for k in SCHEMA}
 
-
-def as_nested(config: dict[str, Any]) -> dict[str, Any]:
-    """The flat config as nested sections, for YAML/JSON output that reads like config.yaml."""
-    return _nest(copy.deepcopy(config))
