@@ -97,33 +97,35 @@ def output_stems(paths: Sequence[Path], source: Path) -> list[Path]:
 
 def load_run(checkpoint: Path, overrides: Sequence[str]
              ) -> tuple[MemKD, dict[str, Any], dict[str, float | None], torch.device]:
-    """``(model in eval mode, config, thresholds, device)`` rebuilt from a checkpoint.
+    """``(model in eval mode, config, thresholds, device)`` rebuilt from a best.pt and the
+    evaluation.json beside it (its scoring settings and thresholds).
 
-    UserError when the checkpoint is missing, unreadable, never evaluated, or does not fit the
-    teacher this machine resolves (e.g. other ImageNet weights).
+    UserError when the checkpoint is missing, unreadable, damaged, never evaluated, or does not
+    fit the teacher this machine resolves (e.g. other ImageNet weights).
     """
     from models import build_model
-    from utils.checkpoint import check_fits, load_checkpoint, teacher_fingerprint
-    from utils.config import METHODS, load_config, validate
-    from utils.engine import select_device
+    from utils.checkpoint import check_fits, load_checkpoint, load_student
+    from utils.config import METHODS, SCHEMA, load_config, validate
+    from utils.device import select_device
     from utils.errors import UserError
-    from utils.thresholds import stored_thresholds
+    from utils.thresholds import read_evaluation
 
     state = load_checkpoint(checkpoint)
     method = state.get("method")
     if method not in METHODS or not isinstance(state.get("config"), dict):
         raise UserError(f"checkpoint {checkpoint} names no method and config of this code; give a best.pt of a run")
-    thresholds = stored_thresholds(state, checkpoint)
+    scoring, thresholds = read_evaluation(checkpoint, state)
     requested = load_config(method, overrides)
+    trained = {k: v for k, v in state["config"].items() if k in SCHEMA}
     try:
-        # Keys added to the schema after training take their defaults; the overrides only move the run.
-        config = validate({**requested, **state["config"], **{k: requested[k] for k in CONFIG_OVERRIDES}})
+        # The model as trained, scored as evaluated; the overrides only move the run.
+        config = validate({**requested, **trained, **scoring, **{k: requested[k] for k in CONFIG_OVERRIDES}})
     except UserError as e:
         raise UserError(f"checkpoint {checkpoint}: {e}") from None
     device = select_device(config["train.device"])
     model = build_model(method, config).to(device)
-    check_fits(state, checkpoint, method, config, teacher_fingerprint(model.teacher))
-    model.student.load_state_dict(state["student"])
+    check_fits(state, checkpoint, method, config, model.teacher_fingerprint)
+    load_student(model, state, checkpoint)
     return model.eval(), config, thresholds, device
 
 

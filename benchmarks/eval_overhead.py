@@ -28,11 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from datasets.images import normalise  # noqa: E402
 from models import build_model  # noqa: E402
 from models.anomaly_map import gaussian_blur, image_scores  # noqa: E402
-from utils.checkpoint import save_checkpoint, teacher_fingerprint  # noqa: E402
+from utils.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from utils.config import load_config  # noqa: E402
-from utils.engine import select_device  # noqa: E402
+from utils.device import select_device  # noqa: E402
 from utils.metrics import evaluate_all, threshold_from_normal_scores  # noqa: E402
-from utils.thresholds import store_thresholds, thresholds_from  # noqa: E402
+from utils.thresholds import thresholds_from, write_evaluation  # noqa: E402
 from utils.visualize import save_pictures  # noqa: E402
 
 
@@ -93,13 +93,15 @@ def model_seconds(method: str, backbone: str, device_name: str, images: int, bat
 
 def checkpoint_seconds(method: str, backbone: str, folder: Path, test: dict[str, torch.Tensor],
                        metrics: dict[str, float]) -> float:
-    """Seconds to rewrite best.pt with its thresholds (the student's size is what costs)."""
+    """Seconds to write evaluation.json (scoring settings, thresholds) beside best.pt."""
     config = load_config(method, [f"model.backbone={backbone}", "model.pretrained=false"])
     model = build_model(method, config)
     path = folder / "best.pt"
     save_checkpoint(path, method=method, config=config, student=model.student,
-                    fingerprint=teacher_fingerprint(model.teacher), epoch=1)
-    return timed(lambda: store_thresholds(path, thresholds_from(metrics, test["maps"])))[0]
+                    fingerprint=model.teacher_fingerprint, data_digest="synthetic", epoch=1)
+    state = load_checkpoint(path)
+    scoring = {"eval.combine": config["eval.combine"], "eval.sigma": config["eval.sigma"]}
+    return timed(lambda: write_evaluation(path, state, scoring, thresholds_from(metrics, test["maps"])))[0]
 
 
 def main() -> None:

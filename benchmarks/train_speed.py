@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from models import build_model, method_name  # noqa: E402
 from utils.config import load_config  # noqa: E402
-from utils.engine import build_optimizer, select_device  # noqa: E402
+from utils.device import select_device  # noqa: E402
+from utils.training import build_optimizer  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:

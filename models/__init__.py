@@ -6,12 +6,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.feature_extractor import BACKBONES, FeatureExtractor
+from models.anomaly_map import COMBINE_MODES, MapSettings
+from models.feature_extractor import BACKBONES, FeatureExtractor, build_network
+from models.losses import DISTILLATION_LOSSES
 from models.memkd import MemKD
+from models.memory import FUSION_MODES
 from models.reverse_distillation import RDStudent
 from models.stpm import STStudent
 from models.student import MemorySettings
-from models.teacher_weights import resolve_teacher_weights
+from models.teacher_weights import fingerprint_weights, resolve_teacher_weights
+from utils.errors import UserError
 
 STUDENTS: dict[str, type[nn.Module]] = {"st": STStudent, "rd": RDStudent}
 # Display names: the paper's method with memory, the baseline it builds on without.
@@ -23,16 +27,33 @@ def method_name(method: str, memory_enabled: bool) -> str:
     return NAMES[(method, memory_enabled)]
 
 
+def memory_settings(method: str, config: dict[str, Any]) -> MemorySettings | None:
+    """The memory of ``config`` for ``method``'s student (None without memory); UserError for
+    ``memory.stages`` the student cannot hold."""
+    if not config["memory.enabled"]:
+        return None
+    stages = tuple(config["memory.stages"])
+    allowed = STUDENTS[method].MEMORY_STAGES
+    wrong = [s for s in stages if s not in allowed]
+    if wrong or not stages or len(set(stages)) != len(stages):
+        raise UserError(f"memory.stages={list(stages)} does not fit trainRM_{method.upper()}.py; give distinct "
+                        f"places among {list(allowed)}, or memory.enabled=false for no memory")
+    return MemorySettings(config["memory.slots"], config["memory.temperature"], stages, config["memory.fusion"])
+
+
 def build_model(method: str, config: dict[str, Any]) -> MemKD:
-    """The teacher (weights resolved as configured), a freshly seeded student, and the loss weights."""
+    """The teacher (exactly the resolved weights), a freshly seeded student, losses and map settings."""
     backbone = config["model.backbone"]
     state, description = resolve_teacher_weights(backbone, config["model.pretrained"], config["model.teacher_weights"],
                                                  config["model.fallback_to_random"])
     torch.manual_seed(config["train.seed"])  # the same seed gives the same random teacher and student
+    if state is None:  # a seeded random teacher: its source weights are this fresh network's
+        state = build_network(backbone).state_dict()
     teacher = FeatureExtractor(backbone, state, frozen=True)
-    memory = MemorySettings(config["memory.slots"], config["memory.temperature"]) if config["memory.enabled"] else None
-    student = STUDENTS[method](backbone, teacher.channels, memory)
-    return MemKD(teacher, student, config["loss.lambda1"], config["loss.lambda2"], config["eval.sigma"], description)
+    student = STUDENTS[method](backbone, teacher.channels, memory_settings(method, config))
+    return MemKD(teacher, student, config["loss.distillation"], config["loss.lambda1"], config["loss.lambda2"],
+                 MapSettings.from_config(config), fingerprint_weights(state), description)
 
 
-__all__ = ["BACKBONES", "MemKD", "build_model", "method_name"]
+__all__ = ["BACKBONES", "COMBINE_MODES", "DISTILLATION_LOSSES", "FUSION_MODES", "MemKD", "build_model",
+           "method_name", "memory_settings"]

@@ -1,21 +1,65 @@
-"""Where student and teacher disagree: the anomaly map and the image score."""
+"""Where student and teacher disagree: the anomaly map and the image score.
+
+Two published ways of turning per-layer disagreement into one map (``eval.combine``):
+
+* ``product``: STPM's official ``test`` (gdwang08/STFPM, main.py). Per layer ||n(t) - n(s)||^2 of
+  channel-normalised features, bilinearly upsampled (align_corners=False) to the first layer's
+  resolution, multiplied over layers, then upsampled to the image (the code's cv2.resize).
+* ``sum``: RD4AD's official ``cal_anomaly_map(amap_mode='a')`` (hq-deng/RD4AD, test.py). Per layer
+  1 - cosine similarity, bilinearly upsampled (align_corners=True) to the image, summed.
+
+Then an optional Gaussian smoothing (``eval.sigma``; RD4AD's ``gaussian_filter(sigma=4)``, STPM has
+none), and the image score is the map's maximum in both papers.
+"""
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+COMBINE_MODES: tuple[str, ...] = ("product", "sum")
 
-def distance_map(student: Sequence[Tensor], teacher: Sequence[Tensor], size: int) -> Tensor:
-    """Per layer 1 - cosine(student, teacher) per position, upsampled to ``size``, summed: [B, size, size]."""
+
+@dataclass(frozen=True)
+class MapSettings:
+    """How an anomaly map is scored: an evaluation choice, changeable without retraining."""
+
+    combine: str = "sum"
+    sigma: float = 4.0
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "MapSettings":
+        return cls(config["eval.combine"], config["eval.sigma"])
+
+
+def stpm_map(student: Sequence[Tensor], teacher: Sequence[Tensor], size: int) -> Tensor:
+    """STPM's map [B, size, size]: product of per-layer squared distances of normalised features."""
+    first = teacher[0].shape[-2:]
+    total = None
+    for s, t in zip(student, teacher):
+        layer = (F.normalize(t.float(), dim=1) - F.normalize(s.float(), dim=1)).pow(2).sum(1, keepdim=True)
+        layer = F.interpolate(layer, size=first, mode="bilinear", align_corners=False)
+        total = layer if total is None else total * layer
+    return F.interpolate(total, size=(size, size), mode="bilinear", align_corners=False).squeeze(1)
+
+
+def rd4ad_map(student: Sequence[Tensor], teacher: Sequence[Tensor], size: int) -> Tensor:
+    """RD4AD's map [B, size, size]: sum of per-layer 1 - cosine, each upsampled to the image."""
     total = None
     for s, t in zip(student, teacher):
         layer = 1 - F.cosine_similarity(s.float(), t.float(), dim=1).unsqueeze(1)
-        layer = F.interpolate(layer, size=(size, size), mode="bilinear", align_corners=False)
+        layer = F.interpolate(layer, size=(size, size), mode="bilinear", align_corners=True)
         total = layer if total is None else total + layer
     return total.squeeze(1)
+
+
+def anomaly_map(student: Sequence[Tensor], teacher: Sequence[Tensor], size: int, settings: MapSettings) -> Tensor:
+    """The configured map [B, size, size], smoothed when ``settings.sigma`` > 0."""
+    combine = stpm_map if settings.combine == "product" else rd4ad_map
+    return gaussian_blur(combine(student, teacher, size), settings.sigma)
 
 
 def gaussian_kernel(sigma: float, device: torch.device | None = None) -> Tensor:
@@ -26,28 +70,35 @@ def gaussian_kernel(sigma: float, device: torch.device | None = None) -> Tensor:
     return kernel / kernel.sum()
 
 
-def gaussian_blur(maps: Tensor, sigma: float) -> Tensor:
-    """Smooth a batch of maps [B, H, W] with a separable Gaussian on their own device.
+def _symmetric_pad(x: Tensor, pad: int, dim: int) -> Tensor:
+    """Pad ``x`` by ``pad`` on both ends of ``dim`` with scipy's mode='reflect' (edge sample repeated).
 
-    Borders are mirrored (scipy.ndimage's mode='mirror'); ``sigma`` 0 returns the maps unchanged.
+    Pads larger than the side repeat the reflection, as scipy does, one side-length at a time.
+    """
+    while pad > 0:
+        step = min(pad, x.shape[dim])
+        head = x.narrow(dim, 0, step).flip(dim)
+        tail = x.narrow(dim, x.shape[dim] - step, step).flip(dim)
+        x = torch.cat([head, x, tail], dim=dim)
+        pad -= step
+    return x
+
+
+def gaussian_blur(maps: Tensor, sigma: float) -> Tensor:
+    """``scipy.ndimage.gaussian_filter(map, sigma)`` for a batch of maps [B, H, W], on their device.
+
+    Separable, truncated at 4 sigma, borders in scipy's default mode='reflect'; ``sigma`` 0
+    returns the maps unchanged.
     """
     if sigma <= 0:
         return maps
     kernel = gaussian_kernel(sigma, maps.device)
     radius = kernel.numel() // 2
-    x = maps.unsqueeze(1)
-    # Reflect padding needs the pad to be smaller than the side; clamp for tiny maps.
-    pad_h, pad_w = min(radius, x.shape[2] - 1), min(radius, x.shape[3] - 1)
-    x = F.pad(x, (pad_w, pad_w, 0, 0), mode="reflect")
-    x = F.conv2d(x, kernel[radius - pad_w: radius + pad_w + 1].view(1, 1, 1, -1) / _mass(kernel, radius, pad_w))
-    x = F.pad(x, (0, 0, pad_h, pad_h), mode="reflect")
-    x = F.conv2d(x, kernel[radius - pad_h: radius + pad_h + 1].view(1, 1, -1, 1) / _mass(kernel, radius, pad_h))
+    x = _symmetric_pad(maps.unsqueeze(1), radius, 3)
+    x = F.conv2d(x, kernel.view(1, 1, 1, -1))
+    x = _symmetric_pad(x, radius, 2)
+    x = F.conv2d(x, kernel.view(1, 1, -1, 1))
     return x.squeeze(1)
-
-
-def _mass(kernel: Tensor, radius: int, pad: int) -> Tensor:
-    """Renormalise a kernel clipped to ``pad`` for maps smaller than the kernel."""
-    return kernel[radius - pad: radius + pad + 1].sum()
 
 
 def image_scores(maps: Tensor) -> Tensor:

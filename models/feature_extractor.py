@@ -45,13 +45,14 @@ def build_network(backbone: str, state_dict: Mapping[str, Tensor] | None = None)
     network = BACKBONES[backbone].builder(weights=None)
     if state_dict is not None:
         result = network.load_state_dict(state_dict, strict=False)
-        missing = [k for k in result.missing_keys if not _is_head(k)]
+        missing = [k for k in result.missing_keys if not is_head(k)]
         if missing or result.unexpected_keys:
             raise ValueError(f"missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
     return network
 
 
-def _is_head(key: str) -> bool:
+def is_head(key: str) -> bool:
+    """True for the classification head's keys, which a feature extractor never uses."""
     return key.startswith(("fc.", "classifier."))
 
 
@@ -71,19 +72,39 @@ class FeatureExtractor(nn.Module):
         body = network.get_submodule(spec.body) if spec.body else network
         kept = IntermediateLayerGetter(body, return_layers={name: name for name in spec.stage_ends})
         stages, current = [], []
+        self._kept_children: list[tuple[str, nn.Module]] = []  # (key prefix in the library network, module)
         for name, child in kept.named_children():
             current.append(child)
+            self._kept_children.append((f"{spec.body}.{name}" if spec.body else name, child))
             if name in spec.stage_ends:
                 stages.append(nn.Sequential(*current))
                 current = []
         self.stages = nn.ModuleList(stages)
         self.backbone = backbone
         self.frozen = frozen
-        with torch.no_grad():  # channel counts, read off the network rather than tabulated
-            self.channels = tuple(f.shape[1] for f in self.forward(torch.zeros(1, 3, 64, 64)))
+        self.channels = self._probe_channels()
         if frozen:
             self.requires_grad_(False)
             self.eval()
+
+    def _probe_channels(self) -> tuple[int, ...]:
+        """Channel counts of the three stages, read off the network rather than tabulated.
+
+        The probe runs in eval mode: in train mode every BatchNorm would fold the probe's batch
+        into its running statistics, and an ImageNet teacher would no longer be those weights.
+        """
+        was_training = self.training
+        self.eval()
+        with torch.no_grad():
+            channels = tuple(f.shape[1] for f in self.forward(torch.zeros(1, 3, 64, 64)))
+        self.train(was_training)
+        return channels
+
+    def network_state_dict(self) -> dict[str, Tensor]:
+        """This extractor's parameters and buffers under the library network's own key names
+        (``layer1.0.conv1.weight``, ``features.3.conv.0.0.weight``), to compare with its weights."""
+        return {f"{prefix}.{key}": tensor for prefix, child in self._kept_children
+                for key, tensor in child.state_dict().items()}
 
     def train(self, mode: bool = True) -> "FeatureExtractor":
         return super().train(mode and not self.frozen)

@@ -1,19 +1,43 @@
-"""The three MemKD losses: L = L_KD + lambda1 * L_NM + lambda2 * L_Orth."""
+"""The three MemKD losses: L = L_KD + lambda1 * L_NM + lambda2 * L_Orth.
+
+L_KD comes in the form of the paper each script builds on (``loss.distillation``):
+
+* ``stpm``: STPM's official ``train_val`` (gdwang08/STFPM, main.py): per layer the squared distance
+  of channel-normalised student and teacher features, summed over channels, averaged over batch
+  and positions; summed over layers.
+* ``rd4ad``: RD4AD's official ``loss_fucntion`` (hq-deng/RD4AD, main.py): per layer 1 - cosine
+  similarity between each sample's whole flattened feature map of student and teacher, averaged
+  over the batch; summed over layers.
+"""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch.nn.functional as F
 from torch import Tensor
 
+DistillationLoss = Callable[[Sequence[Tensor], Sequence[Tensor]], Tensor]
 
-def distillation_loss(student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
-    """L_KD: 1 - cosine similarity between student and teacher at every position, per layer.
 
-    Averaged over batch and positions, so its scale does not depend on batch or feature-map size,
-    and summed over layers as in STPM and RD4AD, whose learning rates were tuned for that sum.
-    """
-    return sum((1 - F.cosine_similarity(s.float(), t.float(), dim=1)).mean() for s, t in zip(student, teacher))
+def stpm_distillation_loss(student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
+    """STPM's L_KD: sum over layers of mean_{b,h,w} ||n(t) - n(s)||^2, n = L2 normalisation over channels."""
+    total = 0
+    for s, t in zip(student, teacher):
+        diff = F.normalize(t.float(), dim=1) - F.normalize(s.float(), dim=1)
+        total = total + diff.pow(2).sum(1).mean()
+    return total
+
+
+def rd4ad_distillation_loss(student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
+    """RD4AD's L_KD: sum over layers of mean_b (1 - cos(flatten(s_b), flatten(t_b)))."""
+    total = 0
+    for s, t in zip(student, teacher):
+        total = total + (1 - F.cosine_similarity(s.float().flatten(1), t.float().flatten(1), dim=1)).mean()
+    return total
+
+
+# The registry behind the config key ``loss.distillation``.
+DISTILLATION_LOSSES: dict[str, DistillationLoss] = {"stpm": stpm_distillation_loss, "rd4ad": rd4ad_distillation_loss}
 
 
 def normality_embedding_loss(rebuilt: Tensor, target: Tensor) -> Tensor:

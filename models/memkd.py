@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from models.anomaly_map import distance_map, gaussian_blur
+from models.anomaly_map import MapSettings, anomaly_map
 from models.feature_extractor import FeatureExtractor
-from models.losses import distillation_loss, normality_embedding_loss, orthogonality_loss
+from models.losses import DISTILLATION_LOSSES, normality_embedding_loss, orthogonality_loss
 from models.memory import normalised_entropy
 
 
@@ -19,16 +19,23 @@ class MemKD(nn.Module):
     """A frozen teacher, a student (``STStudent`` or ``RDStudent``), and the loss weights.
 
     ``student`` must take ``(images, teacher_features)``, return a ``StudentOutput``, and expose
-    ``memories`` (a ModuleList of MemoryFusion, empty for the baseline) with ``memory_targets``,
-    the teacher stage each memory's values learn to rebuild.
+    ``memories`` (a ModuleList of MemoryFusion, empty for the baseline) with
+    ``memory_targets(teacher_features)``, what each memory's values learn to rebuild.
+    ``distillation`` names the L_KD form (``models.losses.DISTILLATION_LOSSES``); ``map_settings``
+    is how :meth:`anomaly_map` scores, an evaluation choice that may be replaced after training.
+    ``teacher_fingerprint`` identifies the weights the teacher was built from.
     """
 
-    def __init__(self, teacher: FeatureExtractor, student: nn.Module, lambda1: float, lambda2: float,
-                 sigma: float, teacher_description: str = ""):
+    def __init__(self, teacher: FeatureExtractor, student: nn.Module, distillation: str, lambda1: float,
+                 lambda2: float, map_settings: MapSettings, teacher_fingerprint: str = "",
+                 teacher_description: str = ""):
         super().__init__()
         self.teacher = teacher
         self.student = student
-        self.lambda1, self.lambda2, self.sigma = lambda1, lambda2, sigma
+        self.distillation_loss = DISTILLATION_LOSSES[distillation]
+        self.lambda1, self.lambda2 = lambda1, lambda2
+        self.map_settings = map_settings
+        self.teacher_fingerprint = teacher_fingerprint
         self.teacher_description = teacher_description
         self._exemplar_features: list[Tensor] = []
 
@@ -45,8 +52,7 @@ class MemKD(nn.Module):
         """Fix the exemplar set: its teacher features, computed once (the teacher never changes)."""
         if not self.has_memory:
             return
-        features = self.teacher(images)
-        self._exemplar_features = [features[t] for t in self.student.memory_targets]
+        self._exemplar_features = self.teacher(images)
 
     def loss(self, images: Tensor) -> dict[str, Tensor]:
         """Losses on a batch of normal images: ``loss`` to minimise, plus detached terms to log.
@@ -56,14 +62,15 @@ class MemKD(nn.Module):
         with torch.no_grad():
             teacher = self.teacher(images)
         student = self.student(images, teacher)
-        kd = distillation_loss(student.features, teacher)
+        kd = self.distillation_loss(student.features, teacher)
         terms = {"kd": kd}
         total = kd
         if self.has_memory:
             if not self._exemplar_features:
                 raise RuntimeError("set_exemplars() must be called before training a model with memory")
             nm, orth, exemplar_entropy = [], [], []
-            for fusion, target in zip(self.student.memories, self._exemplar_features):
+            targets = self.student.memory_targets(self._exemplar_features)
+            for fusion, target in zip(self.student.memories, targets):
                 rebuilt, weights = fusion.memory.rebuild(target)
                 nm.append(normality_embedding_loss(rebuilt, target))
                 orth.append(orthogonality_loss(fusion.memory.keys, fusion.memory.values))
@@ -80,11 +87,11 @@ class MemKD(nn.Module):
     def distillation_error(self, images: Tensor) -> Tensor:
         """L_KD on a batch, for model selection on held-out normal images."""
         teacher = self.teacher(images)
-        return distillation_loss(self.student(images, teacher).features, teacher)
+        return self.distillation_loss(self.student(images, teacher).features, teacher)
 
     @torch.no_grad()
     def anomaly_map(self, images: Tensor) -> Tensor:
-        """Anomaly maps [B, H, W] at image resolution: summed per-layer 1 - cosine, Gaussian-smoothed."""
+        """Anomaly maps [B, H, W] at image resolution, scored as ``map_settings`` says."""
         teacher = self.teacher(images)
         student = self.student(images, teacher).features
-        return gaussian_blur(distance_map(student, teacher, images.shape[-1]), self.sigma)
+        return anomaly_map(student, teacher, images.shape[-1], self.map_settings)

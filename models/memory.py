@@ -60,19 +60,30 @@ class NormalityMemory(nn.Module):
         return self._read(features, self.values)
 
 
+FUSION_MODES: tuple[str, ...] = ("concat", "add")
+
+
 class MemoryFusion(nn.Module):
     """Reads a NormalityMemory with a feature map and fuses the recalled normal feature back in.
 
-    The concatenation [feature, recalled] goes through a 1x1 conv back to C channels, so the next
+    ``concat`` (the paper's fusion): [feature, recalled] through a 1x1 conv + BN + ReLU back to C
+    channels. ``add``: a residual sum feature + recalled, with no parameters. Either way the next
     network stage receives a tensor of the shape it was built for.
     """
 
-    def __init__(self, channels: int, slots: int, temperature: float):
+    def __init__(self, channels: int, slots: int, temperature: float, mode: str = "concat"):
         super().__init__()
+        if mode not in FUSION_MODES:
+            raise ValueError(f"fusion mode must be one of {FUSION_MODES}, not {mode!r}")
         self.memory = NormalityMemory(channels, slots, temperature)
-        self.fuse = nn.Sequential(nn.Conv2d(2 * channels, channels, 1, bias=False),
-                                  nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
+        self.mode = mode
+        self.fuse = (nn.Sequential(nn.Conv2d(2 * channels, channels, 1, bias=False),
+                                   nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
+                     if mode == "concat" else None)
 
     def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
         recalled, weights = self.memory.recall(features)
-        return self.fuse(torch.cat([features, recalled.to(features.dtype)], dim=1)), weights
+        recalled = recalled.to(features.dtype)
+        if self.fuse is None:
+            return features + recalled, weights
+        return self.fuse(torch.cat([features, recalled], dim=1)), weights

@@ -5,31 +5,41 @@ from torch import Tensor, nn
 
 from models.feature_extractor import FeatureExtractor
 from models.memory import MemoryFusion
-from models.student import MemorySettings, StudentOutput
+from models.student import MemorySettings, MemoryStage, StudentOutput
 
 
 class STStudent(nn.Module):
     """Student of the same architecture as the teacher, trained from scratch on the images.
 
-    With memory, the outputs of stages 1 and 2 read a memory each, and the fused feature feeds the
-    next stage. Memory i lives in teacher stage ``memory_targets[i]``'s space: the student's stage
-    output it is queried with imitates that teacher stage, and its values are taught to rebuild it.
+    With memory, the output of each stage in ``memory.stages`` (1 and/or 2) reads a memory and the
+    fused feature feeds the next stage. That output imitates the same teacher stage, so the memory
+    is queried in the space its values are taught to rebuild (:meth:`memory_targets`).
     """
+
+    MEMORY_STAGES: tuple[MemoryStage, ...] = (1, 2)  # stage 3's output feeds no further stage
 
     def __init__(self, backbone: str, teacher_channels: tuple[int, int, int], memory: MemorySettings | None):
         super().__init__()
         self.network = FeatureExtractor(backbone)
-        self.memory_targets: tuple[int, ...] = (0, 1) if memory else ()
+        self.memory_stages: tuple[MemoryStage, ...] = tuple(memory.stages) if memory else ()
         self.memories = nn.ModuleList(
-            MemoryFusion(teacher_channels[t], memory.slots, memory.temperature) for t in self.memory_targets)
+            MemoryFusion(teacher_channels[s - 1], memory.slots, memory.temperature, memory.fusion)
+            for s in self.memory_stages)
+
+    def memory_targets(self, teacher_features: list[Tensor]) -> list[Tensor]:
+        """What each memory's values learn to rebuild: the teacher's features at its stage."""
+        return [teacher_features[s - 1] for s in self.memory_stages]
 
     def forward(self, images: Tensor, teacher_features: list[Tensor]) -> StudentOutput:
         recall_weights: list[Tensor] = []
 
-        def fuse_memory(stage: int, feature: Tensor) -> Tensor:
-            fused, weights = self.memories[stage](feature)
+        def fuse_memory(stage_index: int, feature: Tensor) -> Tensor:
+            stage = stage_index + 1
+            if stage not in self.memory_stages:
+                return feature
+            fused, weights = self.memories[self.memory_stages.index(stage)](feature)
             recall_weights.append(weights)
             return fused
 
-        features = self.network(images, fuse_memory if self.memory_targets else None)
+        features = self.network(images, fuse_memory if self.memory_stages else None)
         return StudentOutput(features, recall_weights)

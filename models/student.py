@@ -2,17 +2,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Union
 
 from torch import Tensor
+
+# A place that can hold a memory: a teacher stage number (1, 2, 3) or "bottleneck" (RD only).
+MemoryStage = Union[int, str]
 
 
 @dataclass(frozen=True)
 class MemorySettings:
-    """Size and read temperature of each NR memory a student holds."""
+    """Size, read temperature, places and fusion of the NR memories a student holds."""
 
     slots: int
     temperature: float
+    stages: tuple[MemoryStage, ...]
+    fusion: str = "concat"
 
 
 class StudentOutput(NamedTuple):

@@ -9,7 +9,7 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from models.feature_extractor import BACKBONES, build_network
+from models.feature_extractor import BACKBONES, build_network, is_head
 from utils.errors import UserError
 
 
@@ -19,6 +19,20 @@ def sha256_of(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def fingerprint_weights(state: Mapping[str, Tensor]) -> str:
+    """A short hash of the source weights a teacher is built from (classification head excluded).
+
+    Taken from the weights as loaded, never from a built module, so that nothing a module does
+    to its tensors (such as a BatchNorm updating running statistics) can hide behind it.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(k for k in state if not is_head(k)):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def read_state_dict(path: Path) -> dict[str, Tensor]:

@@ -46,7 +46,7 @@ def test_int_is_accepted_for_float_keys():
     ("memory.temperature=0", "'memory.temperature'"),
     ("model.backbone=vgg16", "choose one of resnet18"),
     ("data.image_size=100", "multiple of 32"),
-    ("data.image_size=32", "at least 64"),
+    ("data.image_size=32", "from 64 to 1024"),
     ("memory.enabled=maybe", "'memory.enabled' must be true or false"),
     ("train.betas=[0.5]", "'train.betas'"),
     ("loss.lambda1=-1", "'loss.lambda1'"),
@@ -85,3 +85,113 @@ def test_every_key_is_documented_in_the_readme():
     readme = (ROOT / "README.md").read_text()
     missing = [key for key in SCHEMA if f"`{key}`" not in readme]
     assert not missing, f"README.md does not document {missing}"
+
+
+# ------------------------------------------------------------------ one place per setting in config.yaml
+
+# A valid value unlike the shipped one, for every key whose type alone does not give one.
+_OTHER_VALUE = {"phase": "test", "data.dataset": "visa", "data.image_size": 128, "data.val_fraction": 0.25,
+                "data.category": "cable", "model.backbone": "resnet50", "memory.stages": [2],
+                "train.optimizer": "adam", "train.scheduler": "cosine", "train.device": "cpu",
+                "train.betas": [0.8, 0.99], "train.momentum": 0.5, "loss.distillation": "rd4ad",
+                "eval.combine": "sum", "eval.sigma": 2.0, "memory.fusion": "add", "model.teacher_weights": "w.pth",
+                "train.seed": 7}
+
+
+def _other(key, value):
+    if key in _OTHER_VALUE:
+        second = {"rd4ad": "stpm", "sum": "product", "adam": "sgd", "resnet50": "resnet34"}
+        return _OTHER_VALUE[key] if _OTHER_VALUE[key] != value else second[_OTHER_VALUE[key]]
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, float):
+        return value / 2 if value else 0.5
+    return f"{value}_edited"
+
+
+def _places(tree, method):
+    """Every (path in the YAML tree, dotted key) that gives ``method`` a value."""
+    for section, keys in tree.items():
+        if section == "recipes":
+            for name, block in keys.items():
+                if name == method:
+                    for sub, values in block.items():
+                        for key in values:
+                            yield ("recipes", name, sub, key), f"{sub}.{key}"
+        elif isinstance(keys, dict):
+            for key in keys:
+                yield (section, key), f"{section}.{key}"
+        else:
+            yield (section,), section
+
+
+@pytest.mark.parametrize("method", ["st", "rd"])
+def test_editing_any_value_in_config_yaml_changes_the_run(method, tmp_path):
+    import yaml
+
+    tree = yaml.safe_load((ROOT / "config.yaml").read_text())
+    places = list(_places(tree, method))
+    assert sorted(key for _, key in places) == sorted(SCHEMA), "every key has exactly one place per script"
+    for path, key in places:
+        edited = yaml.safe_load((ROOT / "config.yaml").read_text())
+        node = edited
+        for part in path[:-1]:
+            node = node[part]
+        node[path[-1]] = new = _other(key, node[path[-1]])
+        copy = tmp_path / "config.yaml"
+        copy.write_text(yaml.safe_dump(edited))
+        resolved = load_config(method, base=copy)
+        assert resolved[key] == (str(Path(new)) if key == "output.dir" else new), key
+
+
+def test_a_key_set_in_two_places_of_one_file_is_refused(tmp_path):
+    text = (ROOT / "config.yaml").read_text().replace("  scheduler: constant", "  scheduler: constant\n  lr: 0.1")
+    copy = tmp_path / "config.yaml"
+    copy.write_text(text)
+    with pytest.raises(UserError, match="'train.lr' both at the top and in recipes.st"):
+        load_config("st", base=copy)
+
+
+def test_an_override_files_recipe_block_applies_to_its_script_only(tmp_path):
+    extra = tmp_path / "long.yaml"
+    extra.write_text("recipes:\n  st:\n    train: {epochs: 7}\n  rd:\n    train: {epochs: 9}\n")
+    assert load_config("st", [str(extra)])["train.epochs"] == 7
+    assert load_config("rd", [str(extra)])["train.epochs"] == 9
+    extra.write_text("recipes:\n  xx:\n    train: {epochs: 7}\n")
+    with pytest.raises(UserError, match="may only hold the blocks st, rd"):
+        load_config("st", [str(extra)])
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("train:\n  seed: 1\n  seed: 2\n", "key 'seed' appears twice"),
+    ("train:\n  lr: .inf\n", "give a finite number"),
+    ("loss:\n  lambda1: .nan\n", "give a finite number"),
+], ids=["duplicate key", "infinite lr", "nan lambda"])
+def test_values_that_would_be_silently_wrong_are_refused(text, fragment, tmp_path):
+    extra = tmp_path / "bad.yaml"
+    extra.write_text(text)
+    with pytest.raises(UserError, match=fragment):
+        load_config("st", [str(extra)])
+
+
+@pytest.mark.parametrize("arg", ["data.category=../../../victim", "data.category=/abs", "data.category=..",
+                                 "data.category=" + "x" * 300, "train.seed=10000000000000", "train.seed=-1",
+                                 "output.dir=", "data.image_size=4096", "eval.sigma=1000"])
+def test_paths_and_sizes_out_of_bounds_are_refused(arg):
+    with pytest.raises(UserError, match=arg.split("=")[0]):
+        load_config("st", [arg])
+
+
+def test_output_dir_expands_the_home_folder():
+    assert load_config("st", ["output.dir=~/memkd-results"])["output.dir"] == str(Path.home() / "memkd-results")
+
+
+def test_allowed_values_come_from_the_registries():
+    from datasets import DATASET_NAMES
+    from models import BACKBONES, DISTILLATION_LOSSES
+
+    assert SCHEMA["model.backbone"].choices == tuple(BACKBONES)
+    assert SCHEMA["data.dataset"].choices == DATASET_NAMES
+    assert SCHEMA["loss.distillation"].choices == tuple(DISTILLATION_LOSSES)

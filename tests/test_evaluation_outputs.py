@@ -42,18 +42,21 @@ def trained(tmp_path_factory):
 # --------------------------------------------------------------------------- thresholds
 
 
-def test_thresholds_are_stored_in_best_pt_and_results_json(trained):
+def test_thresholds_are_stored_beside_best_pt_and_in_results_json(trained):
     _, _, run_dir, _ = trained
     best = torch.load(run_dir / "best.pt", weights_only=True)
     results = json.loads((run_dir / "results.json").read_text())
-    thresholds = best["thresholds"]
+    evaluation = json.loads((run_dir / "evaluation.json").read_text())
+    thresholds = evaluation["thresholds"]
     assert set(thresholds) == set(THRESHOLD_KEYS)
     for key in ("normal_threshold", "image_f1_threshold", "pixel_f1_threshold"):
         assert isinstance(thresholds[key], float) and thresholds[key] == results[key], key
     # The F1 thresholds are values of the test maps, so the colour scale's bottom lies below them.
     assert thresholds["map_low"] <= thresholds["pixel_f1_threshold"] <= thresholds["image_f1_threshold"]
-    assert best["student"] and best["method"] == "st"  # the rewrite kept the model
-    assert "thresholds" not in torch.load(run_dir / "last.pt", weights_only=True)
+    # Evaluation decides outside the checkpoints: it records which weights and scoring it used.
+    assert evaluation["checkpoint"] == "best.pt" and evaluation["student_digest"] == best["student_digest"]
+    assert evaluation["scoring"] == {"eval.combine": "product", "eval.sigma": 0.0}
+    assert "thresholds" not in best and "thresholds" not in torch.load(run_dir / "last.pt", weights_only=True)
 
 
 # --------------------------------------------------------------------------- pictures
@@ -145,7 +148,7 @@ def test_predict_writes_overlays_masks_at_original_size_and_a_csv(trained, tmp_p
             assert set(np.unique(np.asarray(mask))) <= {0, 255}
     rows = read_scores(out / "scores.csv")
     assert sorted(Path(r["path"]).relative_to(tmp_path / "new").as_posix() for r in rows) == sorted(sizes)
-    normal = torch.load(run_dir / "best.pt", weights_only=True)["thresholds"]["normal_threshold"]
+    normal = json.loads((run_dir / "evaluation.json").read_text())["thresholds"]["normal_threshold"]
     for row in rows:
         assert float(row["threshold"]) == pytest.approx(normal, rel=1e-5)
         assert row["decision"] == ("anomalous" if float(row["score"]) >= float(row["threshold"]) else "normal")
@@ -158,7 +161,7 @@ def test_predict_writes_overlays_masks_at_original_size_and_a_csv(trained, tmp_p
 def test_predict_scores_test_images_exactly_as_evaluation_does(trained, tmp_path):
     from datasets import build_datasets
     from models.anomaly_map import image_scores
-    from utils.engine import anomaly_maps
+    from utils.evaluation import anomaly_maps
 
     data_root, _, run_dir, _ = trained
     out = tmp_path / "predicted"
@@ -179,7 +182,7 @@ def test_predict_scores_test_images_exactly_as_evaluation_does(trained, tmp_path
 @pytest.mark.parametrize("case, fragment", [
     ("empty folder", "no images in"),
     ("unreadable image", "cannot read image"),
-    ("checkpoint never evaluated", "holds no thresholds"),
+    ("checkpoint never evaluated", "was never evaluated"),
     ("unknown argument", "unknown argument 'colour'"),
     ("unknown threshold", "threshold=median is not a choice"),
     ("missing input", "give input=..."),

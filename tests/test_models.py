@@ -9,9 +9,10 @@ import torchvision
 from scipy.ndimage import gaussian_filter
 
 from models import build_model
-from models.anomaly_map import distance_map, gaussian_blur, image_scores
+from models.anomaly_map import MapSettings, gaussian_blur, image_scores, rd4ad_map, stpm_map
 from models.feature_extractor import BACKBONES, FeatureExtractor
-from models.losses import distillation_loss, normality_embedding_loss, orthogonality_loss
+from models.losses import (normality_embedding_loss, orthogonality_loss, rd4ad_distillation_loss,
+                           stpm_distillation_loss)
 from models.memory import NormalityMemory, normalised_entropy
 from utils.config import load_config
 
@@ -97,18 +98,38 @@ def test_normalised_entropy_bounds():
     assert normalised_entropy(F.one_hot(torch.tensor([1, 4]), 10).float()) == pytest.approx(0.0, abs=1e-6)
 
 
-def test_distillation_loss_is_one_minus_cosine_and_scale_free():
-    s = [torch.randn(2, 8, 4, 4), torch.randn(2, 8, 2, 2)]
-    t = [torch.randn(2, 8, 4, 4), torch.randn(2, 8, 2, 2)]
-    expected = sum((1 - F.cosine_similarity(a, b, dim=1)).mean() for a, b in zip(s, t))
-    assert torch.allclose(distillation_loss(s, t), expected)
-    assert distillation_loss(t, t) < 1e-6
-    # Repeating the batch or upsampling both maps changes nothing: a mean, not a sum.
-    doubled = distillation_loss([torch.cat([a, a]) for a in s], [torch.cat([b, b]) for b in t])
-    assert torch.allclose(doubled, expected, atol=1e-6)
-    bigger = distillation_loss([a.repeat_interleave(2, -1).repeat_interleave(2, -2) for a in s],
-                               [b.repeat_interleave(2, -1).repeat_interleave(2, -2) for b in t])
-    assert torch.allclose(bigger, expected, atol=1e-6)
+def _published_stpm_loss(s_list, t_list):
+    """gdwang08/STFPM main.py, train_val: the loss as the official loop writes it."""
+    loss = 0
+    for t, s_ in zip(t_list, s_list):
+        t, s_ = F.normalize(t, dim=1), F.normalize(s_, dim=1)
+        loss += torch.sum((t - s_) ** 2, 1).mean()
+    return loss
+
+
+def _published_rd4ad_loss(a, b):
+    """hq-deng/RD4AD main.py, loss_fucntion: 1 - cosine of each sample's flattened map, per layer."""
+    cos = torch.nn.CosineSimilarity()
+    return sum(torch.mean(1 - cos(a[i].view(a[i].shape[0], -1), b[i].view(b[i].shape[0], -1))) for i in range(len(a)))
+
+
+def test_distillation_losses_equal_the_published_formulas():
+    s = [torch.randn(3, 8, 8, 8), torch.randn(3, 16, 4, 4), torch.randn(3, 32, 2, 2)]
+    t = [torch.randn_like(a) for a in s]
+    assert torch.allclose(stpm_distillation_loss(s, t), _published_stpm_loss(s, t), rtol=1e-6)
+    assert torch.allclose(rd4ad_distillation_loss(s, t), _published_rd4ad_loss(t, s), rtol=1e-6)
+    # They are different losses: STPM compares directions per position, RD4AD the whole map's
+    # direction, so rescaling each position leaves STPM's at zero but not RD4AD's.
+    rescaled = [a * torch.rand(a.shape[0], 1, *a.shape[2:]).add(0.1) for a in t]
+    assert stpm_distillation_loss(rescaled, t) < 1e-6 < rd4ad_distillation_loss(rescaled, t)
+    assert stpm_distillation_loss(t, t) < 1e-6 and rd4ad_distillation_loss(t, t) < 1e-6
+
+
+@pytest.mark.parametrize("method, form", [("st", "stpm"), ("rd", "rd4ad")])
+def test_each_script_trains_with_its_papers_loss_and_map_by_default(method, form):
+    config = load_config(method, ["model.pretrained=false"])
+    assert config["loss.distillation"] == form
+    assert (config["eval.combine"], config["eval.sigma"]) == {"st": ("product", 0.0), "rd": ("sum", 4.0)}[method]
 
 
 def test_normality_embedding_loss_compares_directions():
@@ -161,9 +182,30 @@ def test_each_memory_lives_in_the_space_of_its_teacher_stage(method):
     model.student(images, teacher)
     for h in hooks:
         h.remove()
-    assert [teacher[t].shape for t in model.student.memory_targets] == queried
-    for fusion, target in zip(model.student.memories, model.student.memory_targets):
-        assert fusion.memory.values.shape[1] == teacher[target].shape[1]
+    assert [t.shape for t in model.student.memory_targets(teacher)] == queried
+    for fusion, target in zip(model.student.memories, model.student.memory_targets(teacher)):
+        assert fusion.memory.values.shape[1] == target.shape[1]
+
+
+@pytest.mark.parametrize("method, stages", [("st", "[2]"), ("rd", "[bottleneck,3]"), ("rd", "[2]")])
+@pytest.mark.parametrize("fusion", ["concat", "add"])
+def test_memory_places_and_fusion_are_configurable_and_train(method, stages, fusion):
+    model = build_model(method, config_for(method, **{"memory.stages": stages, "memory.fusion": fusion}))
+    assert len(model.student.memories) == len(stages.strip("[]").split(","))
+    assert all((m.fuse is None) == (fusion == "add") for m in model.student.memories)
+    model.set_exemplars(torch.randn(2, 3, 64, 64))
+    losses = model.loss(torch.randn(2, 3, 64, 64))
+    losses["loss"].backward()
+    assert torch.isfinite(losses["nm"]) and all(m.memory.values.grad is not None for m in model.student.memories)
+
+
+def test_memory_places_a_student_cannot_hold_are_refused():
+    from utils.errors import UserError
+
+    with pytest.raises(UserError, match="memory.stages"):
+        build_model("st", config_for("st", **{"memory.stages": "[3]"}))
+    with pytest.raises(UserError, match="memory.stages"):
+        build_model("st", config_for("st", **{"memory.stages": "[bottleneck]"}))
 
 
 @pytest.mark.parametrize("method", ["st", "rd"])
@@ -175,20 +217,73 @@ def test_student_features_match_teacher_shapes(method):
     assert [s.shape for s in student] == [t.shape for t in teacher]
 
 
-def test_distance_map_sums_upsampled_layers():
-    t = [torch.randn(1, 4, 8, 8), torch.randn(1, 4, 4, 4)]
-    s = [t[0].clone(), -t[1]]  # layer 1 agrees everywhere, layer 2 is opposite everywhere
-    maps = distance_map(s, t, 32)
-    assert maps.shape == (1, 32, 32)
-    assert torch.allclose(maps, torch.full_like(maps, 2.0), atol=1e-5)
+def _published_stpm_map(s_list, t_list, size):
+    """gdwang08/STFPM main.py, test(): per layer squared distance of normalised features at the first
+    layer's size (align_corners=False), multiplied; then resized to the image (cv2's bilinear
+    resize has half-pixel centres, which is align_corners=False). One image at a time, as there."""
+    first = t_list[0].shape[-1]
+    out = []
+    for b in range(t_list[0].shape[0]):
+        score_map = 1.0
+        for t, s_ in zip(t_list, s_list):
+            t, s_ = F.normalize(t[b:b + 1], dim=1), F.normalize(s_[b:b + 1], dim=1)
+            sm = torch.sum((t - s_) ** 2, 1, keepdim=True)
+            score_map = score_map * F.interpolate(sm, size=(first, first), mode="bilinear", align_corners=False)
+        out.append(F.interpolate(score_map, size=(size, size), mode="bilinear", align_corners=False)[0, 0])
+    return torch.stack(out)
+
+
+def _published_rd4ad_map(fs_list, ft_list, size):
+    """hq-deng/RD4AD test.py, cal_anomaly_map(amap_mode='a') then gaussian_filter(sigma=4)."""
+    out = []
+    for b in range(ft_list[0].shape[0]):
+        anomaly_map = np.zeros([size, size])
+        for fs, ft in zip(fs_list, ft_list):
+            a_map = 1 - F.cosine_similarity(fs[b:b + 1], ft[b:b + 1])
+            a_map = F.interpolate(torch.unsqueeze(a_map, dim=1), size=size, mode="bilinear", align_corners=True)
+            anomaly_map += a_map[0, 0].numpy()
+        out.append(gaussian_filter(anomaly_map, sigma=4))
+    return np.stack(out)
+
+
+def test_anomaly_maps_equal_the_published_formulas():
+    t = [torch.randn(2, 8, 16, 16), torch.randn(2, 16, 8, 8), torch.randn(2, 32, 4, 4)]
+    s = [a + 0.5 * torch.randn_like(a) for a in t]
+    assert torch.allclose(stpm_map(s, t, 64), _published_stpm_map(s, t, 64), rtol=1e-5, atol=1e-7)
+    ours = gaussian_blur(rd4ad_map(s, t, 64), 4.0).numpy()
+    assert np.abs(ours - _published_rd4ad_map(s, t, 64)).max() < 1e-5
+    # The product and the sum rank pixels differently: they are different methods.
+    assert not torch.allclose(stpm_map(s, t, 64).argsort(), rd4ad_map(s, t, 64).argsort())
 
 
 def test_gaussian_blur_matches_scipy_and_runs_batched():
     maps = torch.rand(3, 40, 50)
     ours = gaussian_blur(maps, 4.0).numpy()
-    reference = np.stack([gaussian_filter(m, 4.0, mode="mirror", truncate=4.0) for m in maps.numpy()])
+    reference = np.stack([gaussian_filter(m, 4.0) for m in maps.numpy()])  # scipy's defaults: reflect, 4 sigma
     assert np.abs(ours - reference).max() < 1e-5
+    tiny = torch.rand(2, 5, 7)  # kernel far wider than the map: the reflection repeats, as in scipy
+    assert np.abs(gaussian_blur(tiny, 3.0).numpy() - np.stack([gaussian_filter(m, 3.0) for m in tiny.numpy()])).max() < 1e-5
     assert torch.equal(gaussian_blur(maps, 0.0), maps)
+
+
+def test_rd_student_is_built_as_rd4ad_builds_it():
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    model = build_model("rd", config_for("rd", **{"model.backbone": "resnet34"}))
+    student = model.student
+    assert len(student.bottleneck.embed) == 3  # RD4AD: BN_layer(AttnBasicBlock, 3) for resnet34
+    for stage in student.decoder:  # each decoder stage upsamples inside its first block
+        first = stage[0]
+        assert isinstance(first, BasicBlock) and isinstance(first.conv1, torch.nn.ConvTranspose2d)
+        assert isinstance(first.downsample[0], torch.nn.ConvTranspose2d)
+    wide = build_model("rd", config_for("rd", **{"model.backbone": "resnet50"})).student
+    assert isinstance(wide.decoder[0][0], Bottleneck) and isinstance(wide.decoder[0][0].conv2, torch.nn.ConvTranspose2d)
+    # Kaiming-normal (fan_out, relu): std sqrt(2 / (out_channels * k * k)); BatchNorm at 1 and 0.
+    conv = student.bottleneck.embed[0].conv1
+    fan_out = conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
+    assert conv.weight.std().item() == pytest.approx(math.sqrt(2 / fan_out), rel=0.05)
+    bns = [m for m in student.decoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(torch.all(m.weight == 1) and torch.all(m.bias == 0) for m in bns)
 
 
 def test_anomaly_map_is_image_sized_and_scores_are_maxima():
@@ -196,6 +291,8 @@ def test_anomaly_map_is_image_sized_and_scores_are_maxima():
     model.eval()
     maps = model.anomaly_map(torch.randn(3, 3, 64, 64))
     assert maps.shape == (3, 64, 64) and torch.isfinite(maps).all()
+    model.map_settings = MapSettings("sum", 4.0)  # an evaluation choice: the same weights score anew
+    assert not torch.equal(model.anomaly_map(torch.randn(3, 3, 64, 64)), maps)
     assert torch.equal(image_scores(maps), maps.flatten(1).max(1).values)
 
 

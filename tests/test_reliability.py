@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import utils.engine as engine
+import utils.training as training
 from models.memkd import MemKD
 from tests.fixtures import make_mvtec_folder, tiny_run_args
 from utils.checkpoint import FORMAT_VERSION, load_checkpoint
@@ -163,7 +164,7 @@ def test_resume_refuses_a_changed_exemplar_set(data_root: Path, tmp_path: Path,
     capsys.readouterr()
     assert main("st", args) == 2
     line = one_error_line(capsys.readouterr().err)
-    assert "was trained with exemplar images" in line and "train.resume=false" in line
+    assert "was trained on other images" in line and "train.resume=false" in line
     assert (run_dir(out) / "last.pt").read_bytes() == before
 
 
@@ -183,7 +184,7 @@ def test_checkpoints_carry_format_version_resolved_config_and_resume_state(data_
     assert last["optimizer"]["state"], "SGD momentum buffers must be saved, or a resumed run would differ"
     # The exemplar set saved is the one a rerun draws.
     train_images = len(list((data_root / "widget" / "train" / "good").iterdir())) - 2  # 2 validation images
-    assert last["exemplars"] == engine.choose_exemplars(train_images, 2, config["train.seed"])
+    assert last["exemplars"] == training.choose_exemplars(train_images, 2, config["train.seed"])
 
 
 @pytest.mark.parametrize("script_method, extra, says", [
@@ -388,7 +389,7 @@ def test_weights_that_turn_non_finite_on_the_last_step_never_reach_a_checkpoint(
         data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """The loss of the last step of epoch 2 is finite, but its update breaks the weights."""
     out = tmp_path / "out"
-    build_optimizer = engine.build_optimizer
+    build_optimizer = training.build_optimizer
 
     def poisoning_optimizer(parameters: list[torch.nn.Parameter], config: dict[str, Any]) -> torch.optim.Optimizer:
         optimizer = build_optimizer(parameters, config)
@@ -403,7 +404,7 @@ def test_weights_that_turn_non_finite_on_the_last_step_never_reach_a_checkpoint(
         optimizer.register_step_post_hook(poison_after_step)
         return optimizer
 
-    monkeypatch.setattr(engine, "build_optimizer", poisoning_optimizer)
+    monkeypatch.setattr(training, "build_optimizer", poisoning_optimizer)
     capsys.readouterr()
     assert main("st", run_args(data_root, out, "train.epochs=3")) == 2
     line = one_error_line(capsys.readouterr().err)

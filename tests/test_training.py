@@ -93,7 +93,7 @@ def test_validation_returns_the_student_to_train_mode(data_root):
     from datasets import build_datasets
     from models import build_model
     from utils.config import load_config
-    from utils.engine import validation_error
+    from utils.training import validation_error
 
     config = load_config("st", tiny_run_args(data_root, "unused"))
     model = build_model("st", config)

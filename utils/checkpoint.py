@@ -1,48 +1,59 @@
 """Checkpoints: what they hold, how they are checked against the configured model, how they load.
 
 A checkpoint is a plain dict of tensors and Python values, so ``torch.load(weights_only=True)``
-reads it: format version, method, the resolved config, the student's weights (memories included),
-a fingerprint of the teacher it was trained against, and for ``last.pt`` the optimiser and
-scheduler state needed to resume. The teacher's weights are not stored: they are fixed (pinned
-ImageNet weights, a local file, or a seeded random init) and the fingerprint proves they match.
+reads it: format version, method, the resolved config, the student's weights (memories included)
+with a digest of them, a fingerprint of the teacher's source weights, a digest of the training
+images, and for ``last.pt`` the optimiser and scheduler state needed to resume. The teacher's
+weights are not stored: they are fixed (pinned ImageNet weights, a local file, or a seeded random
+init) and the fingerprint proves they match. Training writes checkpoints; nothing rewrites them.
 """
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from utils.config import keys_in_scope
 from utils.errors import UserError
 from utils.io import save_torch
 
-FORMAT_VERSION = 1
-# Keys that only say where or how fast to run; every other key changes what a run computes.
-RUN_KEYS = ("phase", "data.root", "data.num_workers", "data.download", "train.device", "train.resume",
-            "eval.batch_size", "eval.max_pictures", "output.dir")
+# 2: the teacher is exactly its source weights (format 1 had BatchNorm statistics moved by a
+# channel probe), baselines follow STPM/RD4AD, evaluation settings and thresholds live outside.
+FORMAT_VERSION = 2
+_FORMAT_NEWS = {1: "it was trained against a teacher whose BatchNorm statistics had been perturbed, "
+                   "with the old STPM/RD4AD recipes"}
+REQUIRED_KEYS = ("method", "config", "epoch", "teacher_fingerprint", "data_digest", "student", "student_digest")
 
 
-def teacher_fingerprint(teacher: nn.Module) -> str:
-    """A short hash of the teacher's weights and buffers: equal iff the teachers compute the same."""
+def weights_digest(state: Mapping[str, Tensor]) -> str:
+    """sha256 of a state_dict's names, dtypes, shapes and bytes: any flipped bit changes it."""
     digest = hashlib.sha256()
-    for name, tensor in teacher.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def save_checkpoint(path: Path, *, method: str, config: dict[str, Any], student: nn.Module, fingerprint: str,
-                    epoch: int, **extra: Any) -> Path:
-    """Atomically write a checkpoint; ``extra`` holds resume state or evaluation thresholds."""
+                    data_digest: str, epoch: int, **extra: Any) -> Path:
+    """Atomically write a checkpoint; ``extra`` holds resume state."""
+    weights = student.state_dict()
     state = {"format_version": FORMAT_VERSION, "method": method, "config": dict(config), "epoch": epoch,
-             "teacher_fingerprint": fingerprint, "student": student.state_dict(), **extra}
+             "teacher_fingerprint": fingerprint, "data_digest": data_digest, "student": weights,
+             "student_digest": weights_digest(weights), **extra}
     return save_torch(path, state)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a checkpoint safely (weights_only); UserError if it is missing, corrupt or of another format."""
+    """Read a checkpoint safely (weights_only) and check it is whole.
+
+    UserError if it is missing, unreadable, of another format, lacks a key, or its weights do not
+    match their stored digest (flipped bytes) or hold nan/inf.
+    """
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}; train first with phase=train")
     try:
@@ -52,19 +63,35 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
                         "delete it and train again with train.resume=false") from None
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
         found = state.get("format_version") if isinstance(state, dict) else None
-        raise UserError(f"checkpoint {path} has format version {found}, this code reads {FORMAT_VERSION}; "
+        why = f" ({_FORMAT_NEWS[found]})" if found in _FORMAT_NEWS else ""
+        raise UserError(f"checkpoint {path} has format version {found}, this code reads {FORMAT_VERSION}{why}; "
+                        "retrain with train.resume=false")
+    missing = [key for key in REQUIRED_KEYS if key not in state]
+    weights = state.get("student")
+    if missing or not isinstance(weights, dict) or not all(isinstance(v, Tensor) for v in weights.values()):
+        what = f"lacks '{missing[0]}'" if missing else "holds no student weights"
+        raise UserError(f"checkpoint {path} {what}: it was not written by this code; retrain with train.resume=false")
+    if weights_digest(weights) != state["student_digest"]:
+        raise UserError(f"checkpoint {path} is damaged: its weights do not match their stored digest; "
+                        "restore it from a copy or retrain with train.resume=false")
+    broken = next((name for name, t in weights.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())),
+                  None)
+    if broken is not None:
+        raise UserError(f"checkpoint {path} holds non-finite weights ({broken}); it cannot score anything, "
                         "retrain with train.resume=false")
     return state
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """'key: saved -> current' for each key (other than RUN_KEYS) that differs."""
-    keys = [k for k in current if k not in RUN_KEYS]
-    return [f"{k}={saved.get(k)!r} (checkpoint) vs {current[k]!r} (now)" for k in keys if saved.get(k) != current[k]]
+    """'key: saved -> current' for each training key that differs (evaluation and run keys may)."""
+    return [f"{k}={saved.get(k)!r} (checkpoint) vs {current[k]!r} (now)"
+            for k in keys_in_scope("train") if saved.get(k) != current[k]]
 
 
-def check_fits(state: dict[str, Any], path: Path, method: str, config: dict[str, Any], fingerprint: str) -> None:
-    """Refuse a checkpoint that was not made by this method, config and teacher, saying what differs."""
+def check_fits(state: dict[str, Any], path: Path, method: str, config: dict[str, Any], fingerprint: str,
+               data_digest: str | None = None) -> None:
+    """Refuse a checkpoint that was not made by this method, training config, teacher and (when
+    ``data_digest`` is given) training images, saying what differs."""
     if state["method"] != method:
         raise UserError(f"checkpoint {path} is for method '{state['method']}', not '{method}'; "
                         f"use the other script or another output.dir")
@@ -76,3 +103,17 @@ def check_fits(state: dict[str, Any], path: Path, method: str, config: dict[str,
     if state["teacher_fingerprint"] != fingerprint:
         raise UserError(f"checkpoint {path} was trained against other teacher weights; "
                         "use the same model.pretrained/model.teacher_weights as in training")
+    if data_digest is not None and state["data_digest"] != data_digest:
+        raise UserError(f"checkpoint {path} was trained on other images than those now under data.root; "
+                        "point data.root at the training data, use another output.dir, or train.resume=false")
+
+
+def load_student(model: nn.Module, state: dict[str, Any], path: Path) -> None:
+    """Load a checkpoint's student weights into ``model.student``; UserError when they do not fit."""
+    try:
+        model.student.load_state_dict(state["student"])
+    except RuntimeError as e:  # missing/unexpected keys, size mismatch
+        first = str(e).strip().splitlines()
+        detail = first[1].strip() if len(first) > 1 else first[0]
+        raise UserError(f"checkpoint {path} does not fit the configured student ({detail[:160]}); "
+                        "use the config it was trained with, or retrain") from None

@@ -1,14 +1,15 @@
-"""One configuration: ``config.yaml``, the method's recipe, optional override files, ``key=value``.
+"""One configuration: ``config.yaml``, optional override files, then ``key=value`` arguments.
 
-Resolution order, later wins:
-1. ``config.yaml`` at the repository root (shared keys, the paper settings for MVTec AD);
-2. its ``recipes.<method>`` block (the STPM recipe for ``st``, the RD4AD recipe for ``rd``);
-3. any ``*.yaml`` files named on the command line (override files such as ``configs/demo.yaml``);
-4. ``section.key=value`` arguments.
+Every setting has exactly one place per script in ``config.yaml``: either at the top (shared by
+both scripts) or in ``recipes.st`` / ``recipes.rd`` (the recipe of the paper the script builds on:
+STPM for ST, RD4AD for RD), never both, so editing the value you see changes the run. Resolution,
+later wins: ``config.yaml`` (top and the script's recipe), then each ``*.yaml`` override file named
+on the command line (its top, then its own ``recipes.<script>`` block), then ``section.key=value``.
 
-Every key is declared in :data:`SCHEMA` with its type and allowed values, so an unknown key, a
-wrong type or an out-of-range value is refused with one line naming the key.  The resolved config
-is a flat ``dict`` (``"train.lr" -> 0.4``) and is saved in every checkpoint and results file.
+Every key is declared in :data:`SCHEMA` with its type and allowed values (lists such as the
+backbones and datasets come from their registries), so an unknown key, a duplicated key, a key set
+in two places of one file, a wrong type or an out-of-range value is refused with one line naming
+it. The resolved config is a flat ``dict`` (``"train.lr" -> 0.4``) saved in every checkpoint.
 """
 from __future__ import annotations
 
@@ -16,8 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import math
+import re
+
 import yaml
 
+from datasets import DATASET_NAMES
+from models import BACKBONES, COMBINE_MODES, DISTILLATION_LOSSES, FUSION_MODES
 from utils.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -35,6 +41,9 @@ class Key:
     requirement: str = ""  # says what ``check`` requires, for the error message
     choices: tuple[Any, ...] = ()
     nullable: bool = False
+    # What the key changes: "train" (what training computes: a checkpoint made with another value
+    # does not fit), "eval" (only how a trained model is scored) or "run" (where or how fast).
+    scope: str = "train"
 
 
 def _positive(v: Any) -> bool:
@@ -46,25 +55,45 @@ def _non_negative(v: Any) -> bool:
 
 
 def _betas(v: Any) -> bool:
-    return len(v) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in v)
+    return len(v) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in v)
+
+
+MEMORY_PLACES = (1, 2, 3, "bottleneck")
+
+
+def _memory_stages(v: Any) -> bool:
+    return all(s in MEMORY_PLACES and not isinstance(s, bool) for s in v)
+
+
+# A category is a plain folder name of the dataset: never a path, so nothing is written outside output.dir.
+_CATEGORY = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.+-]{0,99}")
+
+
+def _category(v: str) -> bool:
+    return bool(_CATEGORY.fullmatch(v)) and ".." not in v
+
+MAX_SEED = 2**32 - 1  # torch and numpy seeds; per-epoch seeds derived from it stay within int64
 
 
 SCHEMA: dict[str, Key] = {
-    "phase": Key(str, "`train` trains, then evaluates the best checkpoint; `test` only evaluates the saved best checkpoint",
-                 choices=("train", "test")),
-    "data.dataset": Key(str, "dataset layout", choices=("mvtec", "visa", "mpdd", "mvtec3d", "eyecandies", "btad", "folder", "demo")),
-    "data.root": Key(str, "folder that holds the dataset's category folders"),
-    "data.category": Key(str, "one category, or `all` for every category of the dataset in turn"),
+    "phase": Key(str, "`train` trains, then evaluates the best checkpoint; `test` only evaluates the saved best "
+                      "checkpoint (with the current eval.* settings, leaving the training outputs as they are)",
+                 choices=("train", "test"), scope="run"),
+    "data.dataset": Key(str, "dataset layout", choices=DATASET_NAMES),
+    "data.root": Key(str, "folder that holds the dataset's category folders", scope="run"),
+    "data.category": Key(str, "one category (a plain folder name, no path), or `all` for every category in turn",
+                         _category, "a plain folder name of at most 100 letters, digits, spaces or _ . + -"),
     # A multiple of 32 so every stage (RD's bottleneck is at stride 32) tiles the image exactly; at
     # least 64 so that bottleneck keeps 2x2 positions, which BatchNorm needs for a batch of one.
-    "data.image_size": Key(int, "images (and masks) are resized to this square size; a multiple of 32, at least 64",
-                           lambda v: v >= 64 and v % 32 == 0, "a multiple of 32, at least 64"),
+    "data.image_size": Key(int, "images (and masks) are resized to this square size; a multiple of 32 from 64 to 1024",
+                           lambda v: 64 <= v <= 1024 and v % 32 == 0, "a multiple of 32 from 64 to 1024"),
     "data.val_fraction": Key(float, "share of the TRAIN normal images held out for model selection",
                              lambda v: 0 <= v < 1, "in [0, 1)"),
-    "data.download": Key(bool, "download the dataset into data.root when it is missing (MVTec AD, VisA, BTAD, MVTec 3D-AD)"),
-    "data.num_workers": Key(int, "DataLoader worker processes", _non_negative, ">= 0"),
+    "data.download": Key(bool, "download the dataset into data.root when it is missing (MVTec AD, VisA, BTAD, MVTec 3D-AD)",
+                         scope="run"),
+    "data.num_workers": Key(int, "DataLoader worker processes", _non_negative, ">= 0", scope="run"),
     "model.backbone": Key(str, "teacher network (the ST student copies it)",
-                          choices=("resnet18", "resnet34", "resnet50", "wide_resnet50_2", "mobilenet_v2")),
+                          choices=tuple(BACKBONES)),
     "model.pretrained": Key(bool, "ImageNet teacher through torchvision's pinned IMAGENET1K_V1 weights; false = random init"),
     "model.teacher_weights": Key(str, "local state_dict file for the teacher (overrides the download)", nullable=True),
     "model.fallback_to_random": Key(bool, "if the ImageNet weights cannot be had, warn and use a random teacher instead of failing"),
@@ -72,6 +101,14 @@ SCHEMA: dict[str, Key] = {
     "memory.slots": Key(int, "L, the number of key/value pairs in each memory", _positive, "> 0"),
     "memory.exemplars": Key(int, "N, the fixed exemplar set of normal training images", _positive, "> 0"),
     "memory.temperature": Key(float, "softmax temperature over cosine similarities when reading the memory", _positive, "> 0"),
+    "memory.stages": Key(list, "where memories sit: teacher stages whose features are recalled (ST: 1, 2; RD: 3, 2) "
+                               "and, for RD, `bottleneck` (the one-class embedding)",
+                         _memory_stages, "a list of 1, 2, 3 or bottleneck, e.g. [1,2]"),
+    "memory.fusion": Key(str, "how a recalled feature joins the student: `concat` (concatenate, 1x1 conv, BN, ReLU: "
+                              "the paper) or `add` (residual sum)", choices=FUSION_MODES),
+    "loss.distillation": Key(str, "L_KD form: `stpm` (STPM's squared distance of normalised features per position) or "
+                                  "`rd4ad` (RD4AD's 1 - cosine of whole flattened feature maps)",
+                             choices=tuple(DISTILLATION_LOSSES)),
     "loss.lambda1": Key(float, "weight of the normality embedding loss L_NM", _non_negative, ">= 0"),
     "loss.lambda2": Key(float, "weight of the orthogonality loss L_Orth", _non_negative, ">= 0"),
     "train.epochs": Key(int, "training epochs", _positive, "> 0"),
@@ -82,16 +119,21 @@ SCHEMA: dict[str, Key] = {
     "train.betas": Key(list, "Adam betas", _betas, "two numbers in [0, 1), e.g. [0.5,0.999]"),
     "train.weight_decay": Key(float, "weight decay", _non_negative, ">= 0"),
     "train.scheduler": Key(str, "learning-rate schedule", choices=("constant", "cosine")),
-    "train.seed": Key(int, "seed for the split, the exemplar set, initialisation and shuffling"),
+    "train.seed": Key(int, "seed for the split, the exemplar set, initialisation and shuffling",
+                      lambda v: 0 <= v <= MAX_SEED, f"from 0 to {MAX_SEED}"),
     "train.resume": Key(bool, "continue an interrupted run from its last epoch, and skip categories already "
-                              "finished with the same config; false retrains from scratch"),
-    "train.device": Key(str, "`auto` picks CUDA when present", choices=("auto", "cpu", "cuda")),
+                              "finished with the same config; false retrains from scratch", scope="run"),
+    "train.device": Key(str, "`auto` picks CUDA when present", choices=("auto", "cpu", "cuda"), scope="run"),
     "train.amp": Key(bool, "bfloat16 autocast on CUDA (ignored on CPU)"),
-    "eval.batch_size": Key(int, "evaluation batch size", _positive, "> 0"),
-    "eval.sigma": Key(float, "Gaussian smoothing of the anomaly map, in pixels", _non_negative, ">= 0"),
+    "eval.batch_size": Key(int, "evaluation batch size", _positive, "> 0", scope="run"),
+    "eval.combine": Key(str, "how per-layer maps make the anomaly map: `product` (STPM's) or `sum` (RD4AD's)",
+                        choices=COMBINE_MODES, scope="eval"),
+    "eval.sigma": Key(float, "Gaussian smoothing of the anomaly map in pixels (0: none, as STPM; 4: RD4AD)",
+                      lambda v: 0 <= v <= 32, "from 0 to 32", scope="eval"),
     "eval.max_pictures": Key(int, "rows of examples.png (best and worst test cases) in each run folder, "
-                                  "drawn with roc.png; 0 draws no pictures", _non_negative, ">= 0"),
-    "output.dir": Key(str, "results go to {output.dir}/{method}/{dataset}/{category}/"),
+                                  "drawn with roc.png; 0 draws no pictures", _non_negative, ">= 0", scope="run"),
+    "output.dir": Key(str, "results go to {output.dir}/{method}/{dataset}/{category}/ (`~` is expanded)",
+                      lambda v: bool(v.strip()), "a folder path, not empty", scope="run"),
 }
 
 
@@ -124,13 +166,29 @@ def _near(key: str) -> str:
     return f"keys of '{section}': {', '.join(same)}" if same else f"known sections: {_sections()}"
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key '{key}' appears twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except FileNotFoundError:
         raise UserError(f"config file {path} does not exist; pass an existing .yaml file") from None
     except yaml.YAMLError as e:
-        raise UserError(f"config file {path} is not valid YAML ({str(e).splitlines()[0]}); fix its syntax") from None
+        where = f" (line {e.problem_mark.line + 1})" if getattr(e, "problem_mark", None) else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"config file {path} is not valid YAML: {problem}{where}; fix its syntax") from None
     except UnicodeDecodeError:
         raise UserError(f"config file {path} is not text (not UTF-8); pass a .yaml file of key: value lines") from None
     except OSError as e:  # a folder, no permission, an I/O error
@@ -140,6 +198,27 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must hold sections of key: value pairs")
     return data
+
+
+def _read_layer(path: Path, method: str) -> dict[str, Any]:
+    """The settings one YAML file gives ``method``: its top level and its ``recipes.<method>`` block.
+
+    A key in both places of the same file is refused: one of the two would be ignored.
+    """
+    tree = _read_yaml(path)
+    recipes = tree.pop("recipes", None) or {}
+    if not isinstance(recipes, dict) or any(name not in METHODS for name in recipes):
+        raise UserError(f"'recipes' in {path} may only hold the blocks {', '.join(METHODS)} (one per script)")
+    top = _flatten(tree, str(path))
+    recipe = _flatten(recipes.get(method) or {}, f"{path} (recipes.{method})")
+    for other in METHODS:  # a typo in the other script's recipe must not wait for that script
+        if other != method:
+            _flatten(recipes.get(other) or {}, f"{path} (recipes.{other})")
+    both = sorted(set(top) & set(recipe))
+    if both:
+        raise UserError(f"{path} sets '{both[0]}' both at the top and in recipes.{method}; keep one place, "
+                        "or one of the two values is ignored")
+    return {**top, **recipe}
 
 
 def _coerce(key: str, value: Any) -> Any:
@@ -157,6 +236,8 @@ def _coerce(key: str, value: Any) -> Any:
             pass
     if spec.type is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    if spec.type is float and isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"config key '{key}' is {value!r}; give a finite number")
     if spec.type is str and isinstance(value, int) and not isinstance(value, bool):
         value = str(value)  # YAML reads a category such as 01 as a number
     if (spec.type is int and isinstance(value, bool)) or not isinstance(value, spec.type):
@@ -189,28 +270,35 @@ def load_config(method: str, args: Iterable[str] = (), base: Path | str = DEFAUL
     """Resolve the configuration for ``method`` ("st" or "rd") from the YAML files and ``args``.
 
     ``args`` may hold ``*.yaml`` override files and ``section.key=value`` overrides, in order.
-    Returns a flat dict holding every key of :data:`SCHEMA`, validated.
-    Raises UserError naming the key on any unknown key, wrong type or out-of-range value.
+    Returns a flat dict holding every key of :data:`SCHEMA`, validated, ``output.dir`` with ``~``
+    expanded. Raises UserError naming the key on any unknown, duplicated or doubly placed key,
+    wrong type or out-of-range value.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}")
     base = Path(base)
-    tree = _read_yaml(base)
-    recipes = tree.pop("recipes", {}) or {}
-    flat = _flatten(tree, str(base))
-    flat.update(_flatten(recipes.get(method, {}) or {}, f"{base} (recipes.{method})"))
+    flat = _read_layer(base, method)
     for arg in args:
         if arg.endswith((".yaml", ".yml")) and "=" not in arg:
-            override = _read_yaml(Path(arg))
-            override.pop("recipes", None)
-            flat.update(_flatten(override, arg))
+            flat.update(_read_layer(Path(arg), method))
         else:
             key, value = _parse_override(arg)
             flat[key] = value
     missing = [k for k in SCHEMA if k not in flat]
     if missing:
-        raise UserError(f"config key '{missing[0]}' has no value; add it to {base.name}")
-    return {k: _coerce(k, flat[k]) for k in SCHEMA}
+        raise UserError(f"config key '{missing[0]}' has no value; add it to {base.name} (at the top, "
+                        f"or in recipes.{method})")
+    return _finish({k: _coerce(k, flat[k]) for k in SCHEMA})
+
+
+def _finish(config: dict[str, Any]) -> dict[str, Any]:
+    config["output.dir"] = str(Path(config["output.dir"]).expanduser())
+    return config
+
+
+def keys_in_scope(scope: str) -> tuple[str, ...]:
+    """The keys whose ``scope`` is ``scope`` ("train", "eval" or "run")."""
+    return tuple(k for k, spec in SCHEMA.items() if spec.scope == scope)
 
 
 def validate(config: dict[str, Any]) -> dict[str, Any]:
@@ -218,5 +306,7 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
     unknown = [k for k in config if k not in SCHEMA]
     if unknown:
         raise UserError(f"unknown config key '{unknown[0]}'")
-    return {k: _coerce(k, config[k]) for k in SCHEMA}
-
+    missing = [k for k in SCHEMA if k not in config]
+    if missing:
+        raise UserError(f"config key '{missing[0]}' has no value")
+    return _finish({k: _coerce(k, config[k]) for k in SCHEMA})

@@ -1,27 +1,30 @@
-"""Decision thresholds of a trained model, stored inside its ``best.pt`` so it can be deployed.
+"""What evaluation decides about a trained model, kept beside its ``best.pt`` so it can be deployed.
 
-After evaluation ``best.pt`` gains a ``thresholds`` dict (score units, higher = more anomalous,
-``score >= threshold`` means anomalous):
+Training writes ``best.pt`` and never touches it again. Each evaluation writes
+``evaluation.json`` beside it: the scoring settings it used (``eval.combine``, ``eval.sigma``),
+the digest of the weights it evaluated (so it can never be paired with another ``best.pt``) and
+the decision thresholds (score units, higher = more anomalous, ``score >= threshold`` means
+anomalous). ``best.pt`` and ``evaluation.json`` together are all ``predict.py`` needs.
 
 * ``normal_threshold``: the 0.99 quantile of the image scores of held-out normal TRAIN images.
   It needs no test labels, so it is the one to deploy (None when data.val_fraction=0).
 * ``image_f1_threshold``: the image score maximising F1 on the test set, the literature's choice
-  for reporting (nan when the test set lacks normal or anomalous images).
+  for reporting (None when the test set lacks normal or anomalous images).
 * ``pixel_f1_threshold``: the same at pixel level; predicted masks are drawn with it.
 * ``map_low``: the lowest anomaly-map value on the test set, the bottom of the heatmap colour
   scale, so that heatmaps of new images are coloured like those of the test set.
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from utils.checkpoint import load_checkpoint
 from utils.errors import UserError
-from utils.io import save_torch
+from utils.io import write_json
 
 THRESHOLD_KEYS: tuple[str, ...] = ("normal_threshold", "image_f1_threshold", "pixel_f1_threshold", "map_low")
 # predict.py's threshold=... choices and the key each one reads.
@@ -42,24 +45,46 @@ def thresholds_from(metrics: dict[str, Any], maps: torch.Tensor) -> dict[str, fl
     return found
 
 
-def store_thresholds(best_path: Path, thresholds: dict[str, float | None],
-                     state: dict[str, Any] | None = None) -> None:
-    """Rewrite ``best_path`` atomically with ``thresholds`` added; everything else is kept as saved.
+EVALUATION_FILE = "evaluation.json"
+EVALUATION_FORMAT = 1
 
-    ``state`` is the checkpoint as already loaded from ``best_path``, to save reading it again.
+
+def evaluation_path(checkpoint: Path) -> Path:
+    """Where the evaluation of ``checkpoint`` (a best.pt) is kept: beside it."""
+    return checkpoint.with_name(EVALUATION_FILE)
+
+
+def write_evaluation(checkpoint: Path, state: dict[str, Any], scoring: dict[str, Any],
+                     thresholds: dict[str, float | None]) -> Path:
+    """Write ``evaluation.json`` beside ``checkpoint`` for its loaded ``state``; the checkpoint is untouched."""
+    record = {"format_version": EVALUATION_FORMAT, "checkpoint": checkpoint.name,
+              "student_digest": state["student_digest"], "scoring": dict(scoring), "thresholds": dict(thresholds)}
+    return write_json(evaluation_path(checkpoint), record)
+
+
+def read_evaluation(checkpoint: Path, state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, float | None]]:
+    """``(scoring settings, thresholds)`` of the evaluation beside ``checkpoint``.
+
+    UserError when there is none, it is unreadable, or it was made for other weights.
     """
-    state = dict(load_checkpoint(best_path) if state is None else state)
-    state["thresholds"] = dict(thresholds)
-    save_torch(best_path, state)
-
-
-def stored_thresholds(state: dict[str, Any], path: Path) -> dict[str, float | None]:
-    """The ``thresholds`` of a loaded checkpoint; UserError when it was never evaluated."""
-    thresholds = state.get("thresholds")
-    if not isinstance(thresholds, dict):
-        raise UserError(f"checkpoint {path} holds no thresholds (it was never evaluated); give a best.pt "
-                        "of a finished run, or evaluate it with phase=test")
-    return {key: _finite_or_none(thresholds.get(key)) for key in THRESHOLD_KEYS}
+    path = evaluation_path(checkpoint)
+    never = (f"{checkpoint} was never evaluated (no {EVALUATION_FILE} of it beside it); give the best.pt of a "
+             "finished run, or evaluate it with phase=test")
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(never) from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is unreadable ({type(e).__name__}); evaluate again with phase=test") from None
+    if isinstance(record, dict) and record.get("checkpoint") != checkpoint.name:
+        raise UserError(never)
+    if (not isinstance(record, dict) or record.get("format_version") != EVALUATION_FORMAT
+            or not isinstance(record.get("scoring"), dict) or not isinstance(record.get("thresholds"), dict)):
+        raise UserError(f"{path} is not an evaluation record of this code; evaluate again with phase=test")
+    if record.get("student_digest") != state.get("student_digest"):
+        raise UserError(f"{path} belongs to other weights than {checkpoint}; evaluate again with phase=test")
+    thresholds = record["thresholds"]
+    return dict(record["scoring"]), {key: _finite_or_none(thresholds.get(key)) for key in THRESHOLD_KEYS}
 
 
 def image_threshold(thresholds: dict[str, float | None], choice: str, path: Path) -> float:

@@ -1,0 +1,32 @@
+"""Where and how tensors run: the device, bfloat16 autocast on CUDA, and data loaders."""
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from utils.errors import UserError
+
+
+def select_device(choice: str) -> torch.device:
+    """``auto``: CUDA when present, else CPU. Asking for CUDA without one is a user error."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
+    return torch.device("cuda" if choice != "cpu" and torch.cuda.is_available() else "cpu")
+
+
+def autocast(config: dict[str, Any], device: torch.device) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast when ``train.amp`` is set and the device is CUDA, else nothing."""
+    # bfloat16 keeps float32's range, so no loss scaling is needed; CPU runs stay in float32.
+    if config["train.amp"] and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def make_loader(dataset: Dataset, batch_size: int, config: dict[str, Any], device: torch.device,
+                generator: torch.Generator | None = None) -> DataLoader:
+    """Batches of ``dataset``, shuffled by ``generator`` when one is given (training), else in order."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=generator is not None, generator=generator,
+                      num_workers=config["data.num_workers"], pin_memory=device.type == "cuda")

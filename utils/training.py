@@ -1,0 +1,203 @@
+"""Training: fit the student on normal images, resume an interrupted run, write its checkpoints.
+
+Everything here writes only ``last.pt`` and ``best.pt`` (and nothing once training has finished);
+evaluation (utils/evaluation.py) and run records (utils/engine.py) never write them.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from datasets import AnomalyDataset
+from models import MemKD
+from utils.checkpoint import check_fits, load_checkpoint, load_student, save_checkpoint
+from utils.device import autocast, make_loader
+from utils.errors import UserError
+
+
+@dataclass
+class TrainingState:
+    """What training carries from epoch to epoch and writes into ``last.pt`` so it can resume."""
+
+    epoch: int = 0
+    best_error: float = math.inf
+    best_epoch: int = 0
+    seconds: float = 0.0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def choose_exemplars(num_train: int, count: int, seed: int) -> list[int]:
+    """The fixed exemplar set: ``count`` train indices drawn once with the run's seed."""
+    if count > num_train:
+        raise UserError(f"memory.exemplars={count} but the training split has only {num_train} images; "
+                        f"set memory.exemplars to at most {num_train}")
+    generator = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(num_train, generator=generator)[:count].tolist())
+
+
+def exemplar_files(dataset: AnomalyDataset, indices: list[int], root: str) -> list[str]:
+    """The exemplar images' paths relative to ``root`` (data.root): which images, wherever the data lives."""
+    names = []
+    for i in indices:
+        path = Path(dataset.samples[i].image)
+        try:
+            names.append(path.relative_to(Path(root).expanduser()).as_posix())
+        except ValueError:
+            names.append(path.as_posix())
+    return names
+
+
+def _check_same_exemplars(saved: dict[str, Any], path: Path, indices: list[int], files: list[str]) -> None:
+    """Refuse to resume when ``last.pt`` was trained with another exemplar set than this run draws.
+
+    The draw depends on the seed, memory.exemplars and the training split; the first two are in the
+    config (checked by check_fits), so a difference means the training images changed under data.root.
+    """
+    if saved.get("exemplars") == indices and saved.get("exemplar_files", files) == files:
+        return
+    was = saved.get("exemplar_files", saved.get("exemplars"))
+    raise UserError(f"checkpoint {path} was trained with exemplar images {was} but this run draws {files}: "
+                    "the training images under data.root changed; restore them, or retrain with train.resume=false")
+
+
+def _non_finite(model: MemKD) -> str | None:
+    """The name of the first student weight or buffer holding nan/inf, or None when all are finite."""
+    for name, tensor in model.student.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
+
+
+def _diverged(what: str, epoch: int, step: int, finished: int, last_path: Path) -> UserError:
+    """The error that stops a diverged run: what broke, where, which checkpoint survives, the fix."""
+    kept = (f"{last_path} from epoch {finished} is kept unchanged" if finished else
+            "no epoch finished, so no checkpoint was written")
+    return UserError(f"training diverged: {what} at epoch {epoch}, step {step}; {kept}; lower train.lr and rerun "
+                     "with train.resume=false, or check the training images")
+
+
+def build_optimizer(parameters: list[torch.nn.Parameter], config: dict[str, Any]) -> torch.optim.Optimizer:
+    """SGD (STPM recipe) or Adam (RD4AD recipe) as configured."""
+    if config["train.optimizer"] == "sgd":
+        return torch.optim.SGD(parameters, lr=config["train.lr"], momentum=config["train.momentum"],
+                               weight_decay=config["train.weight_decay"])
+    return torch.optim.Adam(parameters, lr=config["train.lr"], betas=tuple(config["train.betas"]),
+                            weight_decay=config["train.weight_decay"])
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: dict[str, Any]) -> torch.optim.lr_scheduler.LRScheduler:
+    """Constant learning rate (both papers) or cosine decay over the configured epochs."""
+    if config["train.scheduler"] == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config["train.epochs"])
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
+
+
+@torch.no_grad()
+def validation_error(model: MemKD, dataset: Dataset, config: dict[str, Any], device: torch.device) -> float:
+    """Mean L_KD over held-out normal TRAIN images; the student is back in train mode afterwards."""
+    model.eval()
+    total, count = 0.0, 0
+    with autocast(config, device):
+        for batch in make_loader(dataset, config["eval.batch_size"], config, device):
+            images = batch["image"].to(device, non_blocking=True)
+            total += model.distillation_error(images).item() * len(images)
+            count += len(images)
+    model.train()
+    return total / max(count, 1)
+
+
+def _train_one_epoch(model: MemKD, optimizer: torch.optim.Optimizer, loader: DataLoader, config: dict[str, Any],
+                     device: torch.device, epoch: int, state: TrainingState, last_path: Path) -> dict[str, float]:
+    """One pass over the training images; the mean of every logged loss term over its steps."""
+    sums: dict[str, float] = {}
+    steps = 0
+    for step, batch in enumerate(tqdm(loader, desc=f"epoch {epoch}/{config['train.epochs']}", leave=False,
+                                      disable=None), start=1):
+        images = batch["image"].to(device, non_blocking=True)
+        with autocast(config, device):
+            losses = model.loss(images)
+        loss_value = losses["loss"].item()
+        if not math.isfinite(loss_value):
+            raise _diverged(f"the loss became {loss_value}", epoch, step, state.epoch, last_path)
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        optimizer.step()
+        for name, value in losses.items():
+            sums[name] = sums.get(name, 0.0) + float(value.detach())
+        steps += 1
+    return {name: total / steps for name, total in sums.items()}
+
+
+def train(model: MemKD, method: str, splits: Any, config: dict[str, Any], run_dir: Path,
+          device: torch.device, data_digest: str) -> TrainingState:
+    """Train the student, writing ``last.pt`` every epoch and ``best.pt`` when validation improves.
+
+    Resumes from ``last.pt`` when ``train.resume`` is set and it fits this config, teacher, training
+    images (``data_digest``) and exemplar set:
+    weights (memories included), optimiser, scheduler, best-so-far and history. No RNG state is
+    saved because none is needed: the student's initialisation and the exemplar draw are seeded
+    from train.seed, each epoch's shuffle from (seed, epoch), and nothing else in training is random
+    (no dropout, no augmentation; DataLoader worker seeds feed no random transform). So a resumed
+    run sees exactly the batches and computes exactly the numbers of an uninterrupted one on CPU.
+    A non-finite loss, or weights that became non-finite, stop training with a UserError before
+    anything is saved, so ``last.pt`` and ``best.pt`` always hold a finite model.
+    """
+    seed, epochs = config["train.seed"], config["train.epochs"]
+    exemplars = choose_exemplars(len(splits.train), config["memory.exemplars"], seed) if model.has_memory else []
+    exemplar_names = exemplar_files(splits.train, exemplars, config["data.root"])
+    if exemplars:
+        model.set_exemplars(torch.stack([splits.train[i]["image"] for i in exemplars]).to(device))
+    optimizer = build_optimizer(model.trainable_parameters(), config)
+    scheduler = build_scheduler(optimizer, config)
+    state = TrainingState()
+    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
+    if config["train.resume"] and last_path.exists():
+        saved = load_checkpoint(last_path)
+        check_fits(saved, last_path, method, config, model.teacher_fingerprint, data_digest)
+        _check_same_exemplars(saved, last_path, exemplars, exemplar_names)
+        load_student(model, saved, last_path)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state = TrainingState(saved["epoch"], saved["best_error"], saved["best_epoch"], saved["train_seconds"],
+                              saved["history"])
+        if state.epoch < epochs:
+            tqdm.write(f"resuming from {last_path} after epoch {state.epoch}")
+
+    model.train()
+    for epoch in range(state.epoch + 1, epochs + 1):
+        started = time.perf_counter()
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        loader = make_loader(splits.train, config["train.batch_size"], config, device, generator)
+        record = {"epoch": epoch, **_train_one_epoch(model, optimizer, loader, config, device, epoch, state, last_path)}
+        scheduler.step()
+        if len(splits.val):
+            record["val_kd"] = validation_error(model, splits.val, config, device)
+        # The last step's update can make the weights non-finite with a still finite loss: check
+        # them (and the validation error) before they reach a checkpoint.
+        broken = _non_finite(model)
+        if broken is not None or not math.isfinite(record.get("val_kd", 0.0)):
+            what = f"student weight {broken} became non-finite" if broken else f"val_kd became {record['val_kd']}"
+            raise _diverged(what, epoch, len(loader), state.epoch, last_path)
+        # Without a validation slice the last epoch is the one we keep.
+        error = record.get("val_kd", -epoch)
+        state.seconds += time.perf_counter() - started
+        state.history.append(record)
+        state.epoch = epoch
+        common = dict(method=method, config=config, student=model.student, fingerprint=model.teacher_fingerprint,
+                      data_digest=data_digest, epoch=epoch,
+                      exemplars=exemplars, exemplar_files=exemplar_names)
+        if error < state.best_error:
+            state.best_error, state.best_epoch = error, epoch
+            save_checkpoint(best_path, **common)
+        save_checkpoint(last_path, **common, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                        best_error=state.best_error, best_epoch=state.best_epoch, train_seconds=state.seconds,
+                        history=state.history)
+        tqdm.write("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+    return state
