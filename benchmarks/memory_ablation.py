@@ -1,65 +1,61 @@
-"""What the NR memory adds: ST and RD, memory off and on, on one dataset, side by side.
+"""Does the NR memory help? ST and RD with memory off and on, over several seeds, with paired differences.
 
-    python benchmarks/memory_ablation.py configs/demo.yaml
-    python benchmarks/memory_ablation.py data.root=../shared/data/magnetic_tile data.category=magnetic_tile \
-        model.backbone=mobilenet_v2 model.teacher_weights=../shared/weights/mobilenet_v2_imagenet1k.pth \
-        data.image_size=128 train.epochs=10
+    python benchmarks/memory_ablation.py --datasets demo,magnetic_tile --seeds 0,1,2 --students st,rd --epochs 8
+    python benchmarks/memory_ablation.py --data-root /data/mvtec_ad --dataset-layout mvtec --category bottle \\
+        train.device=cuda data.image_size=256
 
-Takes the scripts' arguments (override files, key=value), applied to both recipes; results go to
-results/benchmarks unless output.dir is given. ``--methods rd`` runs only one student. Prints image / pixel AUROC per category for STPM,
-MemKD-ST, RD4AD and MemKD-RD, the memory runs' recall entropy, and training time.
+For each dataset x student x seed it trains the baseline (memory.enabled=false: STPM or RD4AD) and
+MemKD with the same seed (same split, exemplars and initialisation), each a normal run of
+trainRM_ST.py / trainRM_RD.py under ``--out``/runs. Then it prints, per dataset and student, the
+mean +- standard deviation over seeds of image AUROC, pixel AUROC and AUPRO (the mean over
+categories for ``data.category=all``) for memory off and on, and the paired difference on - off
+with its 95% t-interval; it writes the same as ablation.md and ablation.csv, and the differences
+as ablation.png, into ``--out``. Trailing ``section.key=value`` arguments (or override files) go
+to every run. Runs already finished with the same config are reused: a killed ablation
+continues when the same command is run again, and --seeds 0,1,2,3,4 later trains only seeds 3
+and 4. Datasets: demo (built in, random teacher without internet) and magnetic_tile
+(../shared/data/magnetic_tile with the ImageNet MobileNetV2 teacher, 128 px).
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from models import method_name  # noqa: E402
-from utils.cli import run_categories  # noqa: E402
-from utils.config import load_config  # noqa: E402
-from utils.report import mean_row, write_summary  # noqa: E402
+from benchmarks.paired import (MEMORY_OFF, Cell, Variant, add_common_options, common_arguments,  # noqa: E402
+                               compare, datasets_from, finish, parse_seeds, parse_students, run_cells, run_main)
 
-VARIANTS = (("st", False), ("st", True), ("rd", False), ("rd", True))
-
-
-def _pct(value) -> str:
-    return "  -  " if value is None or value != value else f"{100 * value:5.1f}"
+DEFAULT_DATASETS = "demo"
+MEMORY_ON = Variant("memory on")  # the default config (memory.enabled=true): the study's "default" runs
+RESERVED = {"train.seed": "--seeds", "output.dir": "--out", "memory.enabled": "this ablation (off and on)"}
 
 
-def main(argv: list[str]) -> None:
+def ablation(options: argparse.Namespace) -> list[dict]:
+    """Train every missing cell, write ablation.{csv,md,png} into ``options.out``; return the rows."""
+    started = time.perf_counter()
+    seeds, students = parse_seeds(options.seeds), parse_students(options.students)
+    datasets = datasets_from(options, DEFAULT_DATASETS)
+    common = common_arguments(options.overrides, options.epochs, RESERVED)
+    # Seeds outermost: an interrupted ablation already holds complete seeds, each with both sides.
+    cells = [Cell(dataset, student, variant, seed) for seed in seeds for dataset in datasets
+             for student in students for variant in (MEMORY_OFF, MEMORY_ON)]
+    done = run_cells(cells, options.out, common)
+    rows = [row for dataset in datasets for student in students
+            for row in compare(done, dataset, student, MEMORY_OFF, MEMORY_ON, seeds)]
+    title = "Memory ablation: memory on - off, paired by seed"
+    finish(rows, done, seeds, options.out, "ablation", title, started)
+    return rows
+
+
+def main(argv: list[str]) -> int:
+    """Parse the options and run the ablation; 2 on a user error (one line), 130 when interrupted."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", default="st,rd", help="comma-separated students to compare: st, rd")
-    options, script_args = parser.parse_known_args(argv)
-    methods = options.methods.split(",")
-    args = ["output.dir=results/benchmarks", *script_args]
-    runs = {}
-    for method, memory in [(m, memory) for m, memory in VARIANTS if m in methods]:
-        config = load_config(method, [*args, f"memory.enabled={str(memory).lower()}"])
-        runs[method_name(method, memory)] = run_categories(method, config)
-    names = list(runs)
-    categories = [r["category"] for r in runs[names[0]]]
-    cell = 13
-    print(f"\nimage / pixel AUROC (%), {config['data.dataset']}, {config['model.backbone']}, "
-          f"{config['data.image_size']} px, {config['train.epochs']} epochs, teacher: {runs[names[0]][0]['teacher_weights']}")
-    print(f"{'category':<16}" + "".join(f"{n:>{cell}}" for n in names))
-    rows = {n: runs[n] + ([mean_row(runs[n])] if len(categories) > 1 else []) for n in names}
-    for i, category in enumerate(categories + (["mean"] if len(categories) > 1 else [])):
-        cells = [f"{_pct(rows[n][i]['image_auroc'])}/{_pct(rows[n][i]['pixel_auroc'])}" for n in names]
-        print(f"{category:<16}" + "".join(f"{c:>{cell}}" for c in cells))
-    print("\nrecall entropy (normalised, last epoch; 1 = uniform): student queries / exemplar queries")
-    for n in names:
-        if runs[n][0].get("recall_entropy") is not None:
-            student = sum(r["recall_entropy"] for r in runs[n]) / len(runs[n])
-            exemplar = sum(r["exemplar_entropy"] for r in runs[n]) / len(runs[n])
-            print(f"  {n:<10} {student:.3f} / {exemplar:.3f}")
-    print("\ntraining seconds (all categories): " + ", ".join(
-        f"{n} {sum(r['train_seconds'] or 0 for r in runs[n]):.0f}" for n in names))
-    report, _ = write_summary(config["output.dir"])
-    print(f"all metrics: {report} (and summary.csv)")
+    add_common_options(parser, DEFAULT_DATASETS)
+    return run_main(ablation, parser.parse_intermixed_args(argv))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))

@@ -23,6 +23,7 @@ from utils.device import select_device
 from utils.errors import UserError
 from utils.evaluation import evaluate_checkpoint
 from utils.io import remove_stale_temporaries, write_json
+from utils.plots import save_training_curves
 from utils.training import TrainingState, train
 
 # Files a finished run holds; a run missing any of them is not finished, whatever else it has.
@@ -147,6 +148,7 @@ def run_category(method: str, config: dict[str, Any], category: str) -> dict[str
     # taken for finished and the rerun writes both.
     if config["phase"] == "train":
         write_json(run_dir / "history.json", state.history)
+        save_training_curves(state.history, run_dir / "curves.png", title=f"{name} {config['data.dataset']}/{category}")
     write_json(run_dir / "results.json", results)
     results["results_path"] = str(run_dir / "results.json")
     return results
