@@ -14,10 +14,14 @@ dataset, ``MANUAL_STEPS`` says what to do by hand.
 Everything we write goes under ``root``: the partial download and the verified archive
 in ``root/.download/``, the extraction in a temporary folder inside it (moved into place
 only once complete), and last the completion marker ``root/.download/<dataset>.complete``.
+Extraction refuses, on every Python: members whose path or link target (resolved through the
+links extracted before and after it) leaves that folder, special files, and archives that
+unpack to far more bytes or members than a dataset would (see ``_MAX_EXPANSION``).
 """
 
 from __future__ import annotations
 
+import copy
 import gzip
 import hashlib
 import http.client
@@ -31,6 +35,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import unicodedata
 import zipfile
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
@@ -50,9 +55,17 @@ _ATTEMPTS = 3  # tries per URL when the connection drops; each one resumes the p
 _CHUNK = 1 << 20
 _DOWNLOAD_DIR = ".download"
 _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2")
-# The stdlib 'data' filter (Python >= 3.11.4) re-checks paths, links and file types on top
-# of our own checks, which alone protect older interpreters.
+# The stdlib 'data' filter (Python >= 3.10.12 / 3.11.4) re-checks paths, links and file types on
+# top of our own checks (_ExtractedTree), which alone protect older interpreters.
 _TAR_FILTER = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+# What one archive may unpack to. Dataset archives hold PNG/JPEG images, which barely compress
+# again, so a far larger expansion, or a flood of members, is a wrong or hostile archive (a "bomb").
+# The margins are wide (MVTec 3D-AD's point-cloud TIFFs compress better than photographs), and a
+# checksum-valid archive past them is kept, not deleted.
+_MAX_EXPANSION = 20  # unpacked bytes per archive byte...
+_MIN_UNPACKED_BYTES = 1 << 30  # ...but never less than 1 GiB, whatever the archive's size
+_MAX_MEMBERS = 500_000  # files, folders and links; the benchmarks' archives hold some thousands
+_MAX_LINK_HOPS = 40  # symbolic links followed while resolving one path (Linux's own limit)
 
 
 @dataclass(frozen=True)
@@ -213,7 +226,8 @@ def ensure_downloaded(
 
     ``registry`` replaces ``DOWNLOADS`` (tests point it at a local server). Raises
     ``UserError`` for a dataset without a direct archive (with the manual steps), a
-    network failure, a checksum mismatch, or an unsafe or unexpected archive.
+    network failure, a checksum mismatch, an unsafe or unexpected archive, or one past
+    the extraction limits (a decompression or file-count bomb; the archive is then kept).
     """
     registry = DOWNLOADS if registry is None else registry
     key = _resolve(dataset, registry)
@@ -469,15 +483,21 @@ def _install(archive: Path, info: DownloadInfo, key: str, root: Path, progress: 
 
 
 def _extract(archive: Path, dest: Path, info: DownloadInfo, progress: bool) -> None:
-    """Unpack ``archive`` into ``dest``, refusing members that could write outside it."""
+    """Unpack ``archive`` into ``dest``, refusing members that could write outside it and bombs."""
     name = archive.name.lower()
     try:
         if name.endswith(".zip"):
             _extract_zip(archive, dest, progress)
         elif name.endswith(_TAR_SUFFIXES):
-            _extract_tar(archive, dest, progress)
+            _extract_tar(archive, dest, info.subdir, progress)
         else:
             raise UserError(f"cannot unpack {archive.name}: only .zip and {', '.join(_TAR_SUFFIXES)} archives are supported")
+    except _TooLarge as exc:
+        # A checksum-valid archive beyond our limits: keep it, a download of gigabytes is costly to repeat.
+        raise UserError(
+            f"refusing to extract {archive.name}: member {exc.member!r} {exc.why}; nothing was installed and the "
+            f"archive is kept in {archive.parent}. Check the {info.name} entry and the limits in datasets/download.py"
+        ) from None
     except _Unsafe as exc:
         archive.unlink(missing_ok=True)  # checksum-valid yet hostile: only a wrong table entry gets here
         raise UserError(
@@ -489,48 +509,225 @@ def _extract(archive: Path, dest: Path, info: DownloadInfo, progress: bool) -> N
 
 
 class _Unsafe(Exception):
+    """A member that would write, link or point outside the extraction folder, or is no plain file."""
+
     def __init__(self, member: str, why: str) -> None:
         super().__init__(f"{member}: {why}")
         self.member, self.why = member, why
 
 
+class _TooLarge(_Unsafe):
+    """A member past the size or member-count limits (a decompression or file-count bomb)."""
+
+
+class _Budget:
+    """The size and member-count limits of one archive's extraction, spent member by member."""
+
+    def __init__(self, archive_bytes: int) -> None:
+        self.max_bytes = max(_MIN_UNPACKED_BYTES, _MAX_EXPANSION * archive_bytes)
+        self.bytes = 0
+        self.members = 0
+
+    def take(self, member: str, size: int) -> None:
+        """Count one member of ``size`` unpacked bytes; raise _TooLarge once past a limit."""
+        self.members += 1
+        self.bytes += max(size, 0)
+        if self.members > _MAX_MEMBERS:
+            raise _TooLarge(member, f"is past the limit of {_MAX_MEMBERS:,} members (a file-count bomb?)")
+        if self.bytes > self.max_bytes:
+            raise _TooLarge(member, f"takes the unpacked size past {self.max_bytes:,} bytes, the limit for this "
+                                    f"archive (a decompression bomb?)")
+
+
+def _is_absolute(name: str) -> bool:
+    """True for '/x', '\\x' and Windows drive paths ('C:x', 'C:\\x'), whatever the host system."""
+    return name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) is not None
+
+
 def _check_name(name: str) -> None:
     """Refuse absolute paths, Windows drives and '..' components, whatever the separator."""
     parts = name.replace("\\", "/").split("/")
-    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
+    if _is_absolute(name):
         raise _Unsafe(name, "has an absolute path")
     if ".." in parts:
         raise _Unsafe(name, "climbs out of the target folder with '..'")
 
 
-def _inside(relative: str) -> bool:
-    normal = os.path.normpath(relative.replace("\\", "/"))
-    return not os.path.isabs(normal) and normal != ".." and not normal.startswith("../")
+def _components(path: str) -> list[str]:
+    """The components of an archive path or link target, split at '/' and '\\' (both, to be safe)."""
+    return [part for part in path.replace("\\", "/").split("/") if part not in ("", ".")]
 
 
-def _extract_tar(archive: Path, dest: Path, progress: bool) -> None:
+def _key(component: str) -> str:
+    """How a file system may compare one name: case- and Unicode-form-insensitively (macOS, Windows).
+
+    Comparing names this way makes two names that are distinct on Linux the same entry, which
+    can only make the check stricter: a link the real file system follows is always seen.
+    """
+    return unicodedata.normalize("NFC", component).casefold()
+
+
+class _ExtractedTree:
+    """What the extraction has created so far: each path's kind ('dir', 'file', 'link') and link targets.
+
+    Paths are tuples of :func:`_key` components below the extraction folder, never through a
+    link: every link is resolved, through the links extracted before it, as the file system will.
+    That is what a lexical check misses: ``d/y -> ..`` and ``z -> d/y/..`` each look inside, yet
+    ``z`` is the folder above. Where the stdlib's 'data' filter is missing this is the whole defence.
+
+    ``installed`` is the archive folder that becomes ``data.root`` (``DownloadInfo.subdir``): links
+    inside it must stay inside it, since whatever lies around it is not installed.
+    """
+
+    def __init__(self, installed: str = "") -> None:
+        self.kinds: dict[tuple[str, ...], str] = {(): "dir"}
+        self.links: dict[tuple[str, ...], tuple[str, str]] = {}  # path -> (target, member name)
+        self.installed = tuple(_key(part) for part in _components(installed))
+
+    def resolve(self, start: tuple[str, ...], parts: Sequence[str], member: str,
+                top: tuple[str, ...] = ()) -> tuple[str, ...]:
+        """``parts`` followed from the folder ``start``, through every link; _Unsafe if it goes above ``top``.
+
+        ``start`` lies in ``top``. Paths not extracted yet count as folders, as ``os.makedirs``
+        would make them.
+        """
+        resolved = list(start)
+        pending = list(parts)
+        hops = 0
+        while pending:
+            part = pending.pop(0)
+            if part == "..":
+                if len(resolved) <= len(top):
+                    raise _Unsafe(member, "leads outside the folder it is extracted into (through '..' or a "
+                                          "symbolic link)")
+                resolved.pop()
+                continue
+            path = (*resolved, _key(part))
+            kind = self.kinds.get(path)
+            if kind == "link":
+                hops += 1
+                if hops > _MAX_LINK_HOPS:
+                    raise _Unsafe(member, "goes through a loop of symbolic links")
+                pending[:0] = _components(self.links[path][0])  # relative to the link's own folder
+                continue
+            if kind == "file" and pending:
+                raise _Unsafe(member, f"puts something under the file {part!r}")
+            resolved.append(_key(part))
+        return tuple(resolved)
+
+    def _top(self, path: tuple[str, ...]) -> tuple[str, ...]:
+        """The folder a link at ``path`` must not leave: the installed folder, or the extraction folder."""
+        return self.installed if path[:len(self.installed)] == self.installed else ()
+
+    def add(self, member: tarfile.TarInfo) -> None:
+        """Check ``member`` against what is already extracted, then record it; _Unsafe to refuse it."""
+        name = member.name
+        parts = _components(name)
+        if not parts:
+            if member.isdir():
+                return  # the extraction folder itself ('./')
+            raise _Unsafe(name, "has no file name")
+        folder = self.resolve((), parts[:-1], name)
+        path = (*folder, _key(parts[-1]))
+        existing = self.kinds.get(path)
+        if existing == "link":
+            raise _Unsafe(name, "would replace, or write through, a symbolic link extracted before it")
+        if member.issym():
+            if existing is not None:
+                raise _Unsafe(name, f"replaces a {existing} extracted before it with a symbolic link")
+            if _is_absolute(member.linkname):
+                raise _Unsafe(name, f"links to the absolute path {member.linkname!r}")
+            self._check_link(path, member.linkname, name)
+            self.kinds[path] = "link"
+            self.links[path] = (member.linkname, name)
+        elif member.islnk():
+            # Hard-link targets are archive paths; the link must be to a file, never to a symbolic
+            # link (which would be re-read relative to its new place).
+            if _is_absolute(member.linkname):
+                raise _Unsafe(name, f"links to the absolute path {member.linkname!r}")
+            target_parts = _components(member.linkname)
+            try:
+                target = (*self.resolve((), target_parts[:-1], name), _key(target_parts[-1])) if target_parts else ()
+            except _Unsafe as exc:
+                raise _Unsafe(name, f"links outside the target folder ({member.linkname!r}): {exc.why}") from None
+            if self.kinds.get(target) != "file":
+                raise _Unsafe(name, f"is a hard link to {member.linkname!r}, which is not a file extracted before it")
+            self._record(path, "file", existing, name)
+        elif member.issparse():
+            raise _Unsafe(name, "is a sparse file (not expected in a dataset archive)")
+        elif member.isreg():
+            self._record(path, "file", existing, name)
+        elif member.isdir():
+            self._record(path, "dir", existing, name)
+        else:
+            raise _Unsafe(name, "is a device, FIFO or other special file")
+
+    def _check_link(self, path: tuple[str, ...], target: str, member: str, later: bool = False) -> None:
+        try:
+            self.resolve(path[:-1], _components(target), member, self._top(path))
+        except _Unsafe as exc:
+            when = " once later members are extracted" if later else ""
+            raise _Unsafe(member, f"links outside the target folder ({target!r}){when}: {exc.why}") from None
+
+    def _record(self, path: tuple[str, ...], kind: str, existing: str | None, member: str) -> None:
+        if existing is not None and existing != kind:
+            raise _Unsafe(member, f"replaces a {existing} extracted before it with a {kind}")
+        for depth in range(1, len(path)):
+            self.kinds.setdefault(path[:depth], "dir")  # made by os.makedirs on the way
+        self.kinds[path] = kind
+
+    def check_links(self) -> None:
+        """Re-resolve every link once all members are out (a later link may have moved an earlier
+        one's target), and refuse an installed folder that is itself a link."""
+        for depth in range(1, len(self.installed) + 1):
+            if self.kinds.get(self.installed[:depth]) == "link":
+                raise _Unsafe(self.links[self.installed[:depth]][1], "is a symbolic link where the dataset's "
+                                                                      "folder must be a real folder")
+        for path, (target, member) in self.links.items():
+            self._check_link(path, target, member, later=True)
+
+
+def _without_privileges(member: tarfile.TarInfo) -> tarfile.TarInfo:
+    """A copy of ``member`` whose mode and owner are safe to apply, as the 'data' filter would make them.
+
+    Used only where that filter is missing: no setuid, setgid or sticky bits, no group or other
+    write permission, readable and writable by its owner, and owned by whoever extracts it (tarfile
+    would otherwise chown to the archive's owner when run as root).
+    """
+    safe = copy.copy(member)
+    mode = member.mode & 0o755
+    if member.isdir():
+        mode |= 0o700
+    else:
+        if not mode & 0o100:
+            mode &= ~0o111  # executable by group or others only: by nobody
+        mode |= 0o600
+    safe.mode = mode
+    safe.uid, safe.gid = getattr(os, "getuid", lambda: 0)(), getattr(os, "getgid", lambda: 0)()
+    safe.uname = safe.gname = ""
+    return safe
+
+
+def _extract_tar(archive: Path, dest: Path, installed: str, progress: bool) -> None:
     # One streaming pass (a 5 GB .tar.xz is slow to decompress twice): each member is
     # checked just before it is written; on refusal the caller deletes the whole staging folder.
+    tree = _ExtractedTree(installed)
+    budget = _Budget(archive.stat().st_size)
     with tarfile.open(archive, "r:*") as tar, tqdm(unit=" files", desc="extracting", disable=not progress, leave=False) as bar:
         for member in tar:
             _check_name(member.name)
-            if member.issym() or member.islnk():
-                if member.linkname.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", member.linkname):
-                    raise _Unsafe(member.name, f"links to the absolute path {member.linkname!r}")
-                # symlink targets are relative to the link's folder, hardlink targets to the archive root
-                base = os.path.dirname(member.name) if member.issym() else ""
-                if not _inside(os.path.join(base, member.linkname)):
-                    raise _Unsafe(member.name, f"links outside the target folder ({member.linkname!r})")
-            elif not (member.isfile() or member.isdir()):
-                raise _Unsafe(member.name, "is a device, FIFO or other special file")
+            budget.take(member.name, member.size if member.isreg() else 0)
+            tree.add(member)
             try:
-                tar.extract(member, dest, **_TAR_FILTER)
+                tar.extract(member if _TAR_FILTER else _without_privileges(member), dest, **_TAR_FILTER)
             except tarfile.FilterError as exc:
                 raise _Unsafe(member.name, str(exc)) from None
             bar.update()
+    tree.check_links()
 
 
 def _extract_zip(archive: Path, dest: Path, progress: bool) -> None:
+    budget = _Budget(archive.stat().st_size)
     with zipfile.ZipFile(archive) as zf:
         members = zf.infolist()
         for info in members:  # the central directory is cheap to read: check everything first
@@ -540,6 +737,9 @@ def _extract_zip(archive: Path, dest: Path, progress: bool) -> None:
                 raise _Unsafe(info.filename, "is a symbolic link (not expected in a dataset archive)")
             if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
                 raise _Unsafe(info.filename, "is a device, FIFO or other special file")
+            # zipfile never writes more than the declared size (it stops there and checks the CRC),
+            # so the declared sizes bound what is written, overlapping-entry bombs included.
+            budget.take(info.filename, info.file_size)
         top = dest.resolve()
         for info in tqdm(members, unit=" files", desc="extracting", disable=not progress, leave=False):
             if not (dest / info.filename).resolve().is_relative_to(top):

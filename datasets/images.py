@@ -102,15 +102,23 @@ def _read(path: str | Path, decode: bool) -> Image.Image:
         raise
     except FileNotFoundError:
         raise UserError(f"image file not found: {path}; check the dataset folder") from None
+    except PermissionError:
+        raise UserError(f"cannot read image {path} (permission denied); fix its permissions or remove it") from None
+    except Image.DecompressionBombError as exc:
+        # Pillow refuses to decode more than twice Image.MAX_IMAGE_PIXELS: such a file would take
+        # gigabytes of memory whether it is a real photograph or a crafted "bomb".
+        raise UserError(f"image {path} is too large to decode safely ({str(exc).rstrip('.')}); downscale it "
+                        "or remove it") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise UserError(
             f"cannot read image {path} ({exc}); the file is corrupt or not an image, replace or delete it"
         ) from None
 
 
-def check_image_header(path: Path, min_side: int = 1) -> None:
+def check_image_header(path: Path, min_side: int = 1) -> tuple[int, int]:
     """Cheaply verify that ``path`` is a non-empty file PIL recognises (header only, no decode)
-    whose width and height are at least ``min_side`` pixels.
+    whose width and height are at least ``min_side`` pixels, and not beyond Pillow's
+    decompression-bomb limit; return its ``(width, height)``.
 
     Raises UserError naming the file otherwise. Used when indexing a dataset, so that bad
     files are reported before training starts; truncated pixel data is caught at decode time.
@@ -119,14 +127,18 @@ def check_image_header(path: Path, min_side: int = 1) -> None:
     if min(width, height) < min_side:
         raise UserError(f"image {path} is only {width}x{height} pixels, too small to show anything "
                         f"(at least {min_side}x{min_side} needed); replace it or delete it from the dataset")
+    return width, height
 
 
 def load_rgb(path: str | Path) -> Image.Image:
     """Load ``path`` as an 8-bit RGB PIL image (any source mode, see ``to_rgb``).
 
-    Raises UserError naming the file when it is missing, empty, corrupt or of an unusable mode.
+    Raises UserError naming the file when it is missing, empty, corrupt, beyond Pillow's
+    decompression-bomb limit or of an unusable mode.
     """
     img = _read(path, decode=True)
+    if img.mode == "RGB":
+        return img  # already a private copy: another one would double the memory of a large image
     try:
         return to_rgb(img)
     except ValueError as exc:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+import datasets.download as download
 from datasets.download import DOWNLOADS, MANUAL_STEPS, DownloadInfo, ensure_downloaded
 from utils.errors import UserError
 
@@ -405,14 +406,23 @@ def _tar_member(name: str, kind: bytes = tarfile.REGTYPE, linkname: str = "") ->
     return info
 
 
+def _symlink(name: str, target: str) -> tarfile.TarInfo:
+    return _tar_member(name, tarfile.SYMTYPE, target)
+
+
 def _hostile_tars(outside: Path) -> dict[str, list[tarfile.TarInfo]]:
     return {
         "dotdot": [_tar_member("toyset/../../../evil.txt")],
         "absolute": [_tar_member(str(outside / "evil_abs.txt"))],
-        "symlink_to_etc": [_tar_member("toyset/alpha/etc", tarfile.SYMTYPE, "/etc")],
-        "relative_symlink_out": [_tar_member("toyset/alpha/up", tarfile.SYMTYPE, "../../../../..")],
+        "drive_letter": [_tar_member("C:evil.txt")],
+        "drive_letter_backslash": [_tar_member("C:\\evil.txt")],
+        "symlink_to_etc": [_symlink("toyset/alpha/etc", "/etc")],
+        "symlink_to_drive": [_symlink("toyset/alpha/c", "C:evil")],
+        "relative_symlink_out": [_symlink("toyset/alpha/up", "../../../../..")],
         "hardlink_out": [_tar_member("toyset/alpha/passwd", tarfile.LNKTYPE, "../../etc/passwd")],
         "char_device": [_tar_member("toyset/alpha/null", tarfile.CHRTYPE)],
+        "block_device": [_tar_member("toyset/alpha/sda", tarfile.BLKTYPE)],
+        "fifo": [_tar_member("toyset/alpha/pipe", tarfile.FIFOTYPE)],
     }
 
 
@@ -421,23 +431,187 @@ def _nothing_written_outside(tmp_path: Path, root: Path) -> None:
     assert stray == [], f"written outside root: {stray}"
 
 
-@pytest.mark.parametrize("case", list(_hostile_tars(Path("/x"))))
-def test_hostile_tar_member_is_refused(server, tmp_path, case):
+@pytest.fixture(params=["stdlib filter", "no stdlib filter"])
+def tar_filter(request, monkeypatch) -> str:
+    """Each tar test runs twice: with tarfile's 'data' filter, and as on Pythons that lack it
+    (before 3.10.12 / 3.11.4), where our own checks are the only defence."""
+    if request.param == "no stdlib filter":
+        monkeypatch.setattr(download, "_TAR_FILTER", {})
+    return request.param
+
+
+def _refused_tar(server, tmp_path: Path, members: list[tarfile.TarInfo], refused: str,
+                 files: dict[str, bytes] = GOOD_FILES) -> Path:
+    """Serve GOOD_FILES plus ``members``; assert that ``refused`` is the member refused and that
+    nothing was installed or written outside root; return root."""
     state, base = server
-    members = _hostile_tars(tmp_path)[case]
-    data = tar_bytes(GOOD_FILES, extra=members)
-    # the hostile name must survive in the archive, or the test would prove nothing
+    data = tar_bytes(files, extra=members)
+    # the hostile names must survive in the archive, or the test would prove nothing
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        assert members[0].name in tar.getnames()
+        assert [m.name for m in members] == tar.getnames()[len(files):]
     registry = {"toy": entry(serve(state, base, "toy.tar.gz", data), data, "toy.tar.gz")}
     root = tmp_path / "root"
 
     # refused for the hostile member itself, not for some innocent one
-    with pytest.raises(UserError, match=f"refusing to extract toy.tar.gz: member {re.escape(repr(members[0].name))}"):
+    with pytest.raises(UserError, match=f"refusing to extract toy.tar.gz: member {re.escape(repr(refused))}"):
         ensure_downloaded("toy", root, registry=registry, progress=False)
 
     assert_nothing_installed(root)
     _nothing_written_outside(tmp_path, root)
+    assert not [p for p in tmp_path.rglob("*") if "ESCAPED" in p.name], "a member was written through a link"
+    return root
+
+
+@pytest.mark.parametrize("case", list(_hostile_tars(Path("/x"))))
+def test_hostile_tar_member_is_refused(server, tmp_path, case, tar_filter):
+    members = _hostile_tars(tmp_path)[case]
+    _refused_tar(server, tmp_path, members, members[0].name)
+
+
+# Link tricks in which every link, read on its own, stays inside; only resolving each one through
+# the links extracted before it (or after it) shows where it really leads. Name -> (members, refused).
+# The extraction folder is root/.download/extract-*, three levels below tmp_path.
+LINK_TRICKS: dict[str, tuple[list[tarfile.TarInfo], str]] = {
+    "symlink chain": (  # y is the extraction folder, so z is three folders above it: tmp_path
+        [_symlink("d1/d2/d3/y", "../../.."), _symlink("z", "d1/d2/d3/y/../../.."), _tar_member("z/ESCAPED.txt")],
+        "z"),
+    "link bent by a later link, written through": (  # a -> b/.. is the extraction folder, until b -> .
+        [_symlink("a", "b/.."), _symlink("b", "."), _tar_member("a/ESCAPED.txt")],
+        "a/ESCAPED.txt"),
+    "link bent by a later link, left in place": (  # nothing written, but root/a would point above root
+        [_symlink("toyset/a", "b/.."), _symlink("toyset/b", ".")],
+        "toyset/a"),
+    "link out of the installed folder": (  # inside the extraction folder, above data.root once installed
+        [_symlink("toyset/alpha/x", "../../elsewhere")],
+        "toyset/alpha/x"),
+    "hard link to a symlink": (  # a hard link to s is a copy of s, re-read from its new, shallower place
+        [_symlink("toyset/d1/d2/s", "../.."), _tar_member("toyset/h", tarfile.LNKTYPE, "toyset/d1/d2/s")],
+        "toyset/h"),
+    "symlink loop": (
+        [_symlink("toyset/l1", "l2"), _symlink("toyset/l2", "l1"), _tar_member("toyset/l1/ESCAPED.txt")],
+        "toyset/l1/ESCAPED.txt"),
+    "file written through a symlink": (
+        [_symlink("toyset/alpha/x", "train"), _tar_member("toyset/alpha/x")],
+        "toyset/alpha/x"),
+    "symlink replacing a folder": (
+        [_tar_member("toyset/gamma", tarfile.DIRTYPE), _symlink("toyset/gamma", "alpha")],
+        "toyset/gamma"),
+}
+
+
+@pytest.mark.parametrize("case", list(LINK_TRICKS))
+def test_links_are_resolved_through_the_other_members(server, tmp_path, case, tar_filter):
+    members, refused = LINK_TRICKS[case]
+    _refused_tar(server, tmp_path, members, refused)
+
+
+def test_installed_folder_that_is_a_link_is_refused(server, tmp_path, tar_filter):
+    # Links inside it are checked against it; a link in its place would move that boundary.
+    files = {name.replace("toyset/", "real/"): blob for name, blob in GOOD_FILES.items()}
+    _refused_tar(server, tmp_path, [_symlink("toyset", "real")], "toyset", files=files)
+
+
+def test_links_that_stay_inside_are_extracted(server, tmp_path, tar_filter):
+    state, base = server
+    extra = [_symlink("toyset/alpha/latest.png", "train/good/000.png"),
+             _symlink("toyset/alpha/deep", "train/good/../good"),
+             _tar_member("toyset/beta/train/good/copy.png", tarfile.LNKTYPE, "toyset/beta/train/good/000.png")]
+    data = tar_bytes(GOOD_FILES, extra=extra)
+    registry = {"toy": entry(serve(state, base, "toy.tar.gz", data), data, "toy.tar.gz")}
+    root = tmp_path / "root"
+
+    ensure_downloaded("toy", root, registry=registry, progress=False)
+
+    assert_installed(root)
+    assert (root / "alpha/latest.png").read_bytes() == GOOD_FILES["toyset/alpha/train/good/000.png"]
+    assert (root / "alpha/deep/000.png").read_bytes() == GOOD_FILES["toyset/alpha/train/good/000.png"]
+    assert (root / "beta/train/good/copy.png").read_bytes() == GOOD_FILES["toyset/beta/train/good/000.png"]
+
+
+def test_without_the_filter_no_privileged_mode_or_owner_is_applied(server, tmp_path, monkeypatch):
+    monkeypatch.setattr(download, "_TAR_FILTER", {})
+    state, base = server
+    setuid = _tar_member("toyset/alpha/run.sh")
+    setuid.mode, setuid.uid, setuid.gid = 0o4777, 4242, 4242
+    data = tar_bytes(GOOD_FILES, extra=[setuid])
+    registry = {"toy": entry(serve(state, base, "toy.tar.gz", data), data, "toy.tar.gz")}
+    root = tmp_path / "root"
+
+    ensure_downloaded("toy", root, registry=registry, progress=False)
+
+    info = (root / "alpha/run.sh").stat()
+    assert stat.S_IMODE(info.st_mode) == 0o755, "no setuid bit, no group/other write"
+    assert (info.st_uid, info.st_gid) != (4242, 4242), "owned by whoever extracted it, not the archive's owner"
+
+
+# --------------------------------------------------------------------------- bombs
+
+
+def _zeros(size: int) -> bytes:
+    return bytes(size)
+
+
+def test_tar_size_bomb_is_refused_and_the_archive_kept(server, tmp_path, monkeypatch, tar_filter):
+    # 4 MiB of zeros compress to a few KiB: far more than 20x the archive, and above a 1 MiB floor.
+    monkeypatch.setattr(download, "_MIN_UNPACKED_BYTES", 1 << 20)
+    state, base = server
+    files = {**GOOD_FILES, "toyset/alpha/zeros.bin": _zeros(4 << 20)}
+    data = tar_bytes(files)
+    assert len(data) < 100_000
+    registry = {"toy": entry(serve(state, base, "toy.tar.gz", data), data, "toy.tar.gz")}
+    root = tmp_path / "root"
+
+    expected = r"member 'toyset/alpha/zeros.bin' takes the unpacked size past .* archive is kept"
+    with pytest.raises(UserError, match=expected):
+        ensure_downloaded("toy", root, registry=registry, progress=False)
+
+    assert_nothing_installed(root)
+    assert (root / ".download/toy.tar.gz").read_bytes() == data, "a checksum-valid archive is not deleted"
+
+
+def test_tar_file_count_bomb_is_refused(server, tmp_path, monkeypatch, tar_filter):
+    monkeypatch.setattr(download, "_MAX_MEMBERS", 10)
+    state, base = server
+    files = {**GOOD_FILES, **{f"toyset/alpha/empty/{i:03d}": b"" for i in range(20)}}
+    data = tar_bytes(files)
+    registry = {"toy": entry(serve(state, base, "toy.tar.gz", data), data, "toy.tar.gz")}
+    root = tmp_path / "root"
+
+    with pytest.raises(UserError, match=r"member 'toyset/alpha/empty/007' is past the limit of 10 members"):
+        ensure_downloaded("toy", root, registry=registry, progress=False)
+
+    assert_nothing_installed(root)
+    assert not list((root / ".download").rglob("006")), "refused before anything past the limit, and cleaned up"
+
+
+def _deflated_zip(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("bomb", ["size", "count"])
+def test_zip_bombs_are_refused_before_anything_is_written(server, tmp_path, monkeypatch, bomb):
+    monkeypatch.setattr(download, "_MIN_UNPACKED_BYTES", 1 << 20)
+    monkeypatch.setattr(download, "_MAX_MEMBERS", 10)
+    state, base = server
+    files = {name.removeprefix("toyset/"): blob for name, blob in GOOD_FILES.items()}
+    if bomb == "size":
+        files["alpha/zeros.bin"] = _zeros(4 << 20)
+        expected = r"member 'alpha/zeros.bin' takes the unpacked size past"
+    else:
+        files.update({f"alpha/empty/{i:03d}": b"" for i in range(20)})
+        expected = r"member 'alpha/empty/007' is past the limit of 10 members"
+    data = _deflated_zip(files)
+    registry = {"toy": entry(serve(state, base, "toy.zip", data), data, "toy.zip", subdir="")}
+    root = tmp_path / "root"
+
+    with pytest.raises(UserError, match=expected):
+        ensure_downloaded("toy", root, registry=registry, progress=False)
+
+    assert_nothing_installed(root)
 
 
 def _zip_symlink(name: str, target: str) -> tuple[zipfile.ZipInfo, bytes]:
@@ -447,12 +621,13 @@ def _zip_symlink(name: str, target: str) -> tuple[zipfile.ZipInfo, bytes]:
     return info, target.encode()
 
 
-@pytest.mark.parametrize("case", ["dotdot", "absolute", "symlink"])
+@pytest.mark.parametrize("case", ["dotdot", "absolute", "drive_letter", "symlink"])
 def test_hostile_zip_member_is_refused(server, tmp_path, case):
     state, base = server
     hostile = {
         "dotdot": (zipfile.ZipInfo("../../../evil.txt"), b"evil"),
         "absolute": (zipfile.ZipInfo(str(tmp_path / "evil_abs.txt")), b"evil"),
+        "drive_letter": (zipfile.ZipInfo("C:evil.txt"), b"evil"),
         "symlink": _zip_symlink("alpha/etc", "/etc"),
     }[case]
     files = {name.removeprefix("toyset/"): blob for name, blob in GOOD_FILES.items()}

@@ -26,7 +26,9 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
 
     ``os.replace`` is atomic on POSIX and Windows, so readers see the old file or the new one.
     If anything fails (or the write is interrupted) the temporary file is removed and the previous
-    ``path``, if any, is left untouched; an OSError (disk full, no permission) becomes a UserError.
+    ``path``, if any, is left untouched; an OSError (disk full, no permission) becomes a UserError,
+    also when ``write`` reports it as another exception (``torch.save`` raises a RuntimeError
+    while handling the OSError of the file it writes to).
     A process killed outright (SIGKILL, power loss) can leave the temporary file behind, named
     ``.<name>.<random>.tmp``: :func:`remove_stale_temporaries` clears those.
     """
@@ -44,13 +46,31 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
     except BaseException as e:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):
+        cause = None if isinstance(e, UserError) else _os_error_in(e)
+        if cause is not None:
             kept = f"the previous {path.name} is unchanged" if path.exists() else f"{path.name} was not written"
-            raise UserError(f"cannot write {path} ({e.strerror or e}); {kept}; free disk space or set "
+            raise UserError(f"cannot write {path} ({cause.strerror or cause}); {kept}; free disk space or set "
                             "output.dir to a writable folder") from e
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def _os_error_in(error: BaseException) -> OSError | None:
+    """``error`` itself if it is an OSError, else the first OSError it was raised from or while handling.
+
+    Interruptions (KeyboardInterrupt, SystemExit) are never converted: they are not the user's input.
+    """
+    if not isinstance(error, Exception):
+        return None
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:

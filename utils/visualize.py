@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -30,6 +30,9 @@ ROC_PIXEL_SAMPLE = 200_000  # pixels drawn in the pixel ROC curve (the AUROC its
 ROC_CURVE_POINTS = 2_000  # at most this many points per drawn curve
 PICTURES = ("examples.png", "roc.png")
 OUTLINE_COLOUR = (0, 255, 0)  # ground-truth outlines
+# Pixels of a full-size overlay or mask drawn at once (its float working arrays, ~80 bytes a pixel,
+# then take ~20 MiB), so that a picture of any size is drawn in bounded memory.
+TILE_PIXELS = 1 << 18
 
 
 # --------------------------------------------------------------------------- colours and masks
@@ -55,11 +58,61 @@ def binary_mask(amap: np.ndarray, threshold: float) -> np.ndarray:
     return np.where(np.asarray(amap) >= threshold, 255, 0).astype(np.uint8)
 
 
-def resize_map(amap: torch.Tensor, height: int, width: int) -> np.ndarray:
-    """One anomaly map [h, w] resized (bilinear) to ``height`` x ``width``, as float32 numpy."""
-    resized = torch.nn.functional.interpolate(amap[None, None].float(), size=(height, width), mode="bilinear",
-                                              align_corners=False)
-    return resized[0, 0].numpy()
+def _bilinear_sources(out_size: int, in_size: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For output pixels ``start..stop-1`` of a bilinear resize from ``in_size`` to ``out_size``: the
+    two source indices and the weight of the second, by torch's rule (``align_corners=False``)."""
+    position = (np.arange(start, stop, dtype=np.float64) + 0.5) * (in_size / out_size) - 0.5
+    position = np.maximum(position, 0.0)
+    low = np.minimum(np.floor(position).astype(np.int64), in_size - 1)
+    high = np.minimum(low + 1, in_size - 1)
+    return low, high, (position - low).astype(np.float32)
+
+
+def resize_map_region(amap: np.ndarray, height: int, width: int, rows: tuple[int, int],
+                      cols: tuple[int, int]) -> np.ndarray:
+    """Rows ``rows[0]:rows[1]`` and columns ``cols[0]:cols[1]`` of ``amap`` [h, w] resized (bilinear,
+    as ``torch.nn.functional.interpolate(..., align_corners=False)``) to ``height`` x ``width``.
+
+    Float32, of the region's shape only: a map can be brought to a picture of any size one
+    bounded region at a time, never as a whole.
+    """
+    amap = np.asarray(amap, dtype=np.float32)
+    top, bottom, weight_y = _bilinear_sources(height, amap.shape[0], *rows)
+    left, right, weight_x = _bilinear_sources(width, amap.shape[1], *cols)
+    upper, lower = amap[top], amap[bottom]  # [region rows, w]
+    band = upper + (lower - upper) * weight_y[:, None]
+    return band[:, left] + (band[:, right] - band[:, left]) * weight_x[None, :]
+
+
+def tiles(height: int, width: int, pixels: int) -> Iterator[tuple[tuple[int, int], tuple[int, int]]]:
+    """``(rows, cols)`` ranges covering a ``height`` x ``width`` picture, each of at most ``pixels`` pixels."""
+    tile_width = max(1, min(width, pixels))
+    tile_height = max(1, pixels // tile_width)
+    for top in range(0, height, tile_height):
+        for left in range(0, width, tile_width):
+            yield (top, min(top + tile_height, height)), (left, min(left + tile_width, width))
+
+
+def overlay_and_mask(picture: Any, amap: np.ndarray, low: float, threshold: float, draw_mask: bool,
+                     tile_pixels: int = TILE_PIXELS) -> tuple[Any, Any]:
+    """The heatmap overlay (RGB) and the binary mask (L, 255 where the map >= ``threshold``; empty
+    unless ``draw_mask``) of an RGB PIL ``picture``, with ``amap`` [h, w] resized to its size.
+
+    Drawn one tile of at most ``tile_pixels`` pixels at a time: besides the two 8-bit pictures
+    returned (4 + 1 bytes per pixel), the working memory does not grow with the picture.
+    """
+    from PIL import Image
+
+    width, height = picture.size
+    overlay = Image.new("RGB", (width, height))
+    mask = Image.new("L", (width, height), 0)
+    for rows, cols in tiles(height, width, tile_pixels):
+        region = resize_map_region(amap, height, width, rows, cols)
+        rgb = np.asarray(picture.crop((cols[0], rows[0], cols[1], rows[1])))
+        overlay.paste(Image.fromarray(heatmap_overlay(rgb, region, low, threshold)), (cols[0], rows[0]))
+        if draw_mask:
+            mask.paste(Image.fromarray(binary_mask(region, threshold)), (cols[0], rows[0]))
+    return overlay, mask
 
 
 def display_threshold(thresholds: dict[str, float | None], maps: np.ndarray) -> float:
