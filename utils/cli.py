@@ -41,18 +41,49 @@ def main(method: str, argv: Sequence[str]) -> int:
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to continue from the last finished epoch", file=sys.stderr)
         return 130
+    finally:
+        if "torch.distributed" in sys.modules:  # only a torchrun world ever joined a process group
+            from utils.distributed import teardown
+
+            teardown()
 
 
-def run_categories(method: str, config: dict[str, Any]) -> list[dict[str, Any]]:
-    """Run the configured category, or every category of the dataset for ``data.category=all``."""
+def run_categories(method: str, config: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """Run the configured category, or every category of the dataset for ``data.category=all``.
+
+    Under torchrun with ``train.parallel=categories`` every process walks the same list and trains
+    each category whose run folder it can lock (utils/runlock.py), skipping those another process
+    holds; once all are done, rank 0 gathers every category's results.json, so the sweep's
+    summary is written once. Returns the results on rank 0 (and in a single process), else None.
+    """
     from datasets import list_categories
-    from utils.engine import run_category
+    from utils.distributed import barrier, current_world, setup
+    from utils.engine import finished_results, run_category, run_directory
+    from utils.errors import UserError
 
+    world = current_world()
+    device = setup(world)
+    if device is not None and config["train.device"] != "cpu":
+        config = {**config, "train.device": "cuda"}  # this rank's own GPU, made current by setup()
     if config["data.category"] == "all":
         categories = list_categories(config["data.dataset"], config["data.root"])
     else:
         categories = [config["data.category"]]
-    return [run_category(method, config, category) for category in categories]
+    by_category = world.size > 1 and config["train.parallel"] == "categories"
+    results = [run_category(method, config, category, world, skip_if_busy=by_category) for category in categories]
+    if not by_category:
+        return results if world.is_main else None
+    barrier()  # every category is finished, or held by a process outside this sweep
+    if not world.is_main:
+        return None
+    gathered = []
+    for category, mine in zip(categories, results):
+        found = mine or finished_results(run_directory(config, method, category), config)
+        if found is None:
+            raise UserError(f"category {category} was not finished by this sweep (its run folder was in use by "
+                            "another process); rerun the same command when that process is done")
+        gathered.append(found)
+    return gathered
 
 
 def _run(method: str, args: list[str]) -> int:
@@ -65,6 +96,8 @@ def _run(method: str, args: list[str]) -> int:
 
     sweep = config["data.category"] == "all"
     results = run_categories(method, config)
+    if results is None:  # another rank of a torchrun world: rank 0 reports
+        return 0
     name = method_name(method, config["memory.enabled"])
     print()
     print(format_table(f"{name} on {config['data.dataset']} ({config['model.backbone']}, "

@@ -125,6 +125,9 @@ SCHEMA: dict[str, Key] = {
                               "finished with the same config; false retrains from scratch", scope="run"),
     "train.device": Key(str, "`auto` picks CUDA when present", choices=("auto", "cpu", "cuda"), scope="run"),
     "train.amp": Key(bool, "bfloat16 autocast on CUDA (ignored on CPU)"),
+    "train.parallel": Key(str, "under torchrun: `categories` (each process trains whole categories of a sweep) or "
+                               "`data` (the processes share each batch of one category, gradients averaged)",
+                          choices=("categories", "data"), scope="run"),
     "eval.batch_size": Key(int, "evaluation batch size", _positive, "> 0", scope="run"),
     "eval.combine": Key(str, "how per-layer maps make the anomaly map: `product` (STPM's) or `sum` (RD4AD's)",
                         choices=COMBINE_MODES, scope="eval"),

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from utils.distributed import ShardedBatches, World
 from utils.errors import UserError
 
 
@@ -26,7 +27,14 @@ def autocast(config: dict[str, Any], device: torch.device) -> contextlib.Abstrac
 
 
 def make_loader(dataset: Dataset, batch_size: int, config: dict[str, Any], device: torch.device,
-                generator: torch.Generator | None = None) -> DataLoader:
-    """Batches of ``dataset``, shuffled by ``generator`` when one is given (training), else in order."""
+                generator: torch.Generator | None = None, world: World = World()) -> DataLoader:
+    """Batches of ``dataset``, shuffled by ``generator`` when one is given (training), else in order.
+
+    In a world of several processes a shuffled loader gives each rank its share of every batch.
+    """
+    workers, pin = config["data.num_workers"], device.type == "cuda"
+    if generator is not None and world.size > 1:
+        return DataLoader(dataset, batch_sampler=ShardedBatches(len(dataset), batch_size, generator, world),
+                          num_workers=workers, pin_memory=pin)
     return DataLoader(dataset, batch_size=batch_size, shuffle=generator is not None, generator=generator,
-                      num_workers=config["data.num_workers"], pin_memory=device.type == "cuda")
+                      num_workers=workers, pin_memory=pin)

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
 from datasets import DatasetSplits, build_datasets
@@ -20,10 +21,12 @@ from models import build_model, method_name
 from utils.checkpoint import FORMAT_VERSION, config_differences, load_checkpoint
 from utils.config import keys_in_scope
 from utils.device import select_device
+from utils.distributed import World, barrier, main_says
 from utils.errors import UserError
 from utils.evaluation import evaluate_checkpoint
 from utils.io import remove_stale_temporaries, write_json
 from utils.plots import save_training_curves
+from utils.runlock import RunLock
 from utils.training import TrainingState, train
 
 # Files a finished run holds; a run missing any of them is not finished, whatever else it has.
@@ -95,11 +98,15 @@ def _training_facts(run_dir: Path, state: TrainingState) -> TrainingState:
                          last.get("train_seconds", 0.0), list(last.get("history", [])))
 
 
-def run_category(method: str, config: dict[str, Any], category: str) -> dict[str, Any]:
+def run_category(method: str, config: dict[str, Any], category: str, world: World = World(),
+                 skip_if_busy: bool = False) -> dict[str, Any] | None:
     """Train (unless phase=test), evaluate the best checkpoint, write and return results.json.
 
     Every check (data, teacher, checkpoints) runs before the run folder is created, so a run that
-    fails them leaves nothing behind.
+    fails them leaves nothing behind. The folder is then locked (utils/runlock.py): when another
+    live process holds it, this is a one-line error, or with ``skip_if_busy`` (sweeps) None.
+    Under ``train.parallel=data`` every rank trains; rank 0 alone holds the folder, evaluates and
+    writes, and the other ranks return None.
     """
     run_dir = run_directory(config, method, category)
     device = select_device(config["train.device"])
@@ -109,26 +116,66 @@ def run_category(method: str, config: dict[str, Any], category: str) -> dict[str
     if config["phase"] == "train" and config["train.resume"]:
         done = finished_results(run_dir, config, data_digest)
         if done is not None:
-            tqdm.write(f"{category}: already finished with this config and data, reusing {run_dir / 'results.json'} "
-                       "(train.resume=false retrains)")
+            if world.is_main or config["train.parallel"] != "data":
+                tqdm.write(f"{category}: already finished with this config and data, reusing "
+                           f"{run_dir / 'results.json'} (train.resume=false retrains)")
             return done
     # Decode every image now, in this process: a file broken past its header is reported before any
     # training, as one line, and DataLoader workers inherit the decoded cache instead of re-decoding.
     for split in ((splits.train,) if config["phase"] == "train" else ()) + (splits.val, splits.test):
         split.preload()
     model = build_model(method, config).to(device)
+    data_parallel = world.size > 1 and config["train.parallel"] == "data"
+    writer = world.is_main or not data_parallel
+    if data_parallel and device.type == "cuda":
+        # Batch statistics of the global batch, as one process would compute them (SyncBatchNorm
+        # runs on GPUs only: on CPU each process normalises its own share, see README).
+        model.student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.student)
     name = method_name(method, config["memory.enabled"])
-    tqdm.write(f"{name} | {config['data.dataset']}/{category} | {len(splits.train)} train, {len(splits.val)} val, "
-               f"{len(splits.test)} test images | device {device}")
-    tqdm.write(f"teacher {config['model.backbone']}: {model.teacher_description}")
+    if writer:
+        tqdm.write(f"{name} | {config['data.dataset']}/{category} | {len(splits.train)} train, {len(splits.val)} val, "
+                   f"{len(splits.test)} test images | device {device}"
+                   + (f" | {world.size} processes share each batch" if data_parallel else ""))
+        tqdm.write(f"teacher {config['model.backbone']}: {model.teacher_description}")
     if config["phase"] == "test" and not (run_dir / "best.pt").is_file():
         raise UserError(f"no checkpoint at {run_dir / 'best.pt'}; train first with phase=train")
-    _ensure_writable(run_dir)
-    remove_stale_temporaries(run_dir)  # left by a run killed mid-save; the files they were replacing are intact
+    lock = RunLock(run_dir)
+    if writer:
+        _ensure_writable(run_dir)
+    held = lock.acquire() if writer else True
+    if data_parallel:
+        held = main_says(held, world)
+    if not held:
+        if skip_if_busy:
+            tqdm.write(f"{category}: skipped, its run folder is in use by {lock.holder()}")
+            return None
+        raise UserError(f"run folder {run_dir} is in use by {lock.holder()}; wait for it to finish, "
+                        "or set another output.dir")
+    with lock:
+        if config["phase"] == "train" and config["train.resume"] and not data_parallel:
+            done = finished_results(run_dir, config, data_digest)  # finished while we waited for the lock
+            if done is not None:
+                return done
+        if writer:
+            remove_stale_temporaries(run_dir)  # left by a run killed mid-save; the files it replaced are intact
+        state = TrainingState()
+        if config["phase"] == "train":
+            state = train(model, method, splits, config, run_dir, device, data_digest,
+                          world if data_parallel else World())
+        if not writer:
+            barrier()  # rank 0 evaluates and writes
+            return None
+        results = _evaluate_and_record(model, method, name, splits, config, run_dir, device, data_digest, state,
+                                       world, category)
+    if data_parallel:
+        barrier()
+    return results
 
-    state = TrainingState()
-    if config["phase"] == "train":
-        state = train(model, method, splits, config, run_dir, device, data_digest)
+
+def _evaluate_and_record(model: Any, method: str, name: str, splits: DatasetSplits, config: dict[str, Any],
+                         run_dir: Path, device: Any, data_digest: str, state: TrainingState, world: World,
+                         category: str) -> dict[str, Any]:
+    """Evaluate best.pt, then write history.json (after training), curves.png and results.json."""
     metrics, best = evaluate_checkpoint(model, method, splits, config, run_dir, device, data_digest)
     state = _training_facts(run_dir, state)
     last_record = state.history[-1] if state.history else {}
@@ -141,7 +188,7 @@ def run_category(method: str, config: dict[str, Any], category: str) -> dict[str
         "seed": config["train.seed"],
         "train_seconds": round(state.seconds, 2) if state.history else None,
         "recall_entropy": last_record.get("recall_entropy"), "exemplar_entropy": last_record.get("exemplar_entropy"),
-        "device": str(device),
+        "device": str(device), "world_size": world.size if config["train.parallel"] == "data" else 1,
         "config": dict(config),
     }
     # history.json first: a run killed between the two writes has no results.json, so it is not

@@ -19,6 +19,7 @@ from datasets import AnomalyDataset
 from models import MemKD
 from utils.checkpoint import check_fits, load_checkpoint, load_student, save_checkpoint
 from utils.device import autocast, make_loader
+from utils.distributed import ShardedBatches, World, all_finite, average_gradients, broadcast_buffers
 from utils.errors import UserError
 
 
@@ -114,8 +115,13 @@ def validation_error(model: MemKD, dataset: Dataset, config: dict[str, Any], dev
 
 
 def _train_one_epoch(model: MemKD, optimizer: torch.optim.Optimizer, loader: DataLoader, config: dict[str, Any],
-                     device: torch.device, epoch: int, state: TrainingState, last_path: Path) -> dict[str, float]:
-    """One pass over the training images; the mean of every logged loss term over its steps."""
+                     device: torch.device, epoch: int, state: TrainingState, last_path: Path,
+                     world: World = World()) -> dict[str, float]:
+    """One pass over the training images; the mean of every logged loss term over its steps.
+
+    In a data-parallel world each rank sees its share of every batch and the gradients are
+    averaged before the step, so every rank takes the same step (utils/distributed.py).
+    """
     sums: dict[str, float] = {}
     steps = 0
     for step, batch in enumerate(tqdm(loader, desc=f"epoch {epoch}/{config['train.epochs']}", leave=False,
@@ -124,10 +130,11 @@ def _train_one_epoch(model: MemKD, optimizer: torch.optim.Optimizer, loader: Dat
         with autocast(config, device):
             losses = model.loss(images)
         loss_value = losses["loss"].item()
-        if not math.isfinite(loss_value):
+        if not all_finite(loss_value, world):  # every rank stops together, never one left waiting
             raise _diverged(f"the loss became {loss_value}", epoch, step, state.epoch, last_path)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
+        average_gradients(model.trainable_parameters(), world)
         optimizer.step()
         for name, value in losses.items():
             sums[name] = sums.get(name, 0.0) + float(value.detach())
@@ -136,7 +143,7 @@ def _train_one_epoch(model: MemKD, optimizer: torch.optim.Optimizer, loader: Dat
 
 
 def train(model: MemKD, method: str, splits: Any, config: dict[str, Any], run_dir: Path,
-          device: torch.device, data_digest: str) -> TrainingState:
+          device: torch.device, data_digest: str, world: World = World()) -> TrainingState:
     """Train the student, writing ``last.pt`` every epoch and ``best.pt`` when validation improves.
 
     Resumes from ``last.pt`` when ``train.resume`` is set and it fits this config, teacher, training
@@ -174,8 +181,10 @@ def train(model: MemKD, method: str, splits: Any, config: dict[str, Any], run_di
     for epoch in range(state.epoch + 1, epochs + 1):
         started = time.perf_counter()
         generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        loader = make_loader(splits.train, config["train.batch_size"], config, device, generator)
-        record = {"epoch": epoch, **_train_one_epoch(model, optimizer, loader, config, device, epoch, state, last_path)}
+        loader = make_loader(splits.train, config["train.batch_size"], config, device, generator, world)
+        record = {"epoch": epoch, **_train_one_epoch(model, optimizer, loader, config, device, epoch, state, last_path,
+                                                     world)}
+        broadcast_buffers(model.student, world)  # rank 0's BatchNorm statistics, so all ranks validate alike
         scheduler.step()
         if len(splits.val):
             record["val_kd"] = validation_error(model, splits.val, config, device)
@@ -193,8 +202,12 @@ def train(model: MemKD, method: str, splits: Any, config: dict[str, Any], run_di
         common = dict(method=method, config=config, student=model.student, fingerprint=model.teacher_fingerprint,
                       data_digest=data_digest, epoch=epoch,
                       exemplars=exemplars, exemplar_files=exemplar_names)
-        if error < state.best_error:
+        improved = error < state.best_error
+        if improved:
             state.best_error, state.best_epoch = error, epoch
+        if not world.is_main:  # the ranks of a data-parallel world hold the same model; rank 0 writes it
+            continue
+        if improved:
             save_checkpoint(best_path, **common)
         save_checkpoint(last_path, **common, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                         best_error=state.best_error, best_epoch=state.best_epoch, train_seconds=state.seconds,
