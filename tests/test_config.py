@@ -195,3 +195,15 @@ def test_allowed_values_come_from_the_registries():
     assert SCHEMA["model.backbone"].choices == tuple(BACKBONES)
     assert SCHEMA["data.dataset"].choices == DATASET_NAMES
     assert SCHEMA["loss.distillation"].choices == tuple(DISTILLATION_LOSSES)
+
+
+def test_the_stated_minimum_versions_cover_what_the_code_uses():
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    requirements = (ROOT / "requirements.txt").read_text()
+    python = re.search(r"Python (\d+)\.(\d+)\+", readme)
+    assert python and (int(python[1]), int(python[2])) >= (3, 11), "utils/errors.py uses add_note (Python 3.11)"
+    numpy = re.search(r"^numpy>=(\d+)", requirements, re.M)
+    assert numpy and int(numpy[1]) >= 2, "utils/metrics.py uses np.trapezoid (NumPy 2.0)"
+    assert "np.trapezoid" in (ROOT / "utils/metrics.py").read_text() and "add_note" in (ROOT / "utils/errors.py").read_text()
