@@ -22,6 +22,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import models
 
+from utils.runlock import LOCK_NAME
 from tests.fixtures import make_mvtec_folder, tiny_run_args
 from utils.cli import main
 from utils.errors import UserError
@@ -35,9 +36,10 @@ def run_args(data_root: Path, out: Path, *extra: str) -> list[str]:
 
 
 def snapshot(folder: Path) -> dict[str, str]:
-    """sha256 of every file under ``folder``, by relative path."""
+    """sha256 of every file under ``folder``, by relative path; run locks (``.lock``, which only say
+    who held a folder last) are not results and are left out."""
     return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != LOCK_NAME}
 
 
 @dataclass(frozen=True)
