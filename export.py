@@ -232,23 +232,13 @@ def export(options: dict[str, Any]) -> tuple[Path, Path]:
 
 def main(argv: Sequence[str]) -> int:
     """Run export.py; a UserError becomes one line on stderr and exit code 2 (``--debug``: traceback)."""
-    from utils.errors import UserError
+    from utils.errors import run_command
 
-    argv = list(argv)
-    if "-h" in argv or "--help" in argv:
-        print(USAGE)
-        return 0
-    debug = "--debug" in argv
-    try:
-        onnx_path, json_path = export(parse_args([a for a in argv if a != "--debug"]))
-    except UserError as e:
-        if debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"onnx: {onnx_path} (and {json_path.name})")
-    return 0
+    def work(args: list[str]) -> str:
+        onnx_path, json_path = export(parse_args(args))
+        return f"onnx: {onnx_path} (and {json_path.name})"
 
+    return run_command(argv, USAGE, work)
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

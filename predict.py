@@ -416,24 +416,9 @@ def predict(options: dict[str, str], overrides: Sequence[str]) -> Path:
 
 def main(argv: Sequence[str]) -> int:
     """Run predict.py; a UserError becomes one line on stderr and exit code 2 (``--debug``: traceback)."""
-    from utils.errors import UserError
+    from utils.errors import run_command
 
-    argv = list(argv)
-    if "-h" in argv or "--help" in argv:
-        print(USAGE)
-        return 0
-    debug = "--debug" in argv
-    try:
-        options, overrides = parse_args([a for a in argv if a != "--debug"])
-        output = predict(options, overrides)
-    except UserError as e:
-        if debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"predictions: {output}")
-    return 0
-
+    return run_command(argv, USAGE, lambda args: f"predictions: {predict(*parse_args(args))}")
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from utils.errors import UserError
+from utils.errors import UserError, run_command
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"  # the project's shared data, present on the development machines
@@ -503,14 +503,8 @@ def datasets_from(options: Any, default_datasets: str) -> list[DatasetSpec]:
 
 def run_main(body: Any, options: Any) -> int:
     """Run ``body(options)`` the way the training scripts run: a UserError is one line and exit code 2."""
-    try:
+    def work(args: list[str]) -> None:
         body(options)
-    except UserError as e:
-        if options.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: rerun the same command to continue; finished runs are kept", file=sys.stderr)
-        return 130
-    return 0
+
+    return run_command(["--debug"] if options.debug else [], "", work,
+                       "interrupted: rerun the same command to continue; finished runs are kept")

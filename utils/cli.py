@@ -5,7 +5,7 @@ import sys
 from typing import Any, Sequence
 
 from utils.config import SCHEMA, load_config
-from utils.errors import UserError
+from utils.errors import UserError, run_command
 
 USAGE = """usage: python {script} [override.yaml ...] [section.key=value ...] [--debug]
 
@@ -25,22 +25,9 @@ def main(method: str, argv: Sequence[str]) -> int:
 
     A UserError becomes one line on stderr and exit code 2 (``--debug`` shows the traceback).
     """
-    argv = list(argv)
-    if "-h" in argv or "--help" in argv:
-        print(_usage(method))
-        return 0
-    debug = "--debug" in argv
-    args = [a for a in argv if a != "--debug"]
     try:
-        return _run(method, args)
-    except UserError as e:
-        if debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: rerun the same command to continue from the last finished epoch", file=sys.stderr)
-        return 130
+        return run_command(argv, _usage(method), lambda args: _run(method, args),
+                           "interrupted: rerun the same command to continue from the last finished epoch")
     finally:
         if "torch.distributed" in sys.modules:  # only a torchrun world ever joined a process group
             from utils.distributed import teardown
@@ -86,7 +73,7 @@ def run_categories(method: str, config: dict[str, Any]) -> list[dict[str, Any]] 
     return gathered
 
 
-def _run(method: str, args: list[str]) -> int:
+def _run(method: str, args: list[str]) -> None:
     config = load_config(method, args)
     # Imported here so that `--help` and config errors answer at once, before torch loads.
     from models import method_name
@@ -97,7 +84,7 @@ def _run(method: str, args: list[str]) -> int:
     sweep = config["data.category"] == "all"
     results = run_categories(method, config)
     if results is None:  # another rank of a torchrun world: rank 0 reports
-        return 0
+        return None
     name = method_name(method, config["memory.enabled"])
     print()
     print(format_table(f"{name} on {config['data.dataset']} ({config['model.backbone']}, "
@@ -111,4 +98,4 @@ def _run(method: str, args: list[str]) -> int:
         print(f"summary: {summary}")
     else:
         print(f"results: {results[0]['results_path']}")
-    return 0
+    return None

@@ -1,6 +1,9 @@
 """The one exception type that means "the user gave us something we cannot use"."""
 from __future__ import annotations
 
+import sys
+from typing import Callable, Sequence
+
 # How torch's DataLoader re-raises an exception from a worker process: it builds a new one of the
 # same type whose message is this header, then the worker's whole traceback.
 _WORKER_HEADER = "Caught UserError in DataLoader worker"
@@ -36,3 +39,31 @@ def _worker_message(text: str) -> str | None:
         if lines[i].startswith(marker):
             return " ".join([lines[i][len(marker):], *(line.strip() for line in lines[i + 1:])])
     return None
+
+
+def run_command(argv: Sequence[str], usage: str, work: Callable[[list[str]], str | None],
+                interrupted: str = "interrupted: rerun the same command to continue") -> int:
+    """Run a command-line program and return its exit code, the one way every script ends.
+
+    ``-h``/``--help`` prints ``usage``. Otherwise ``work`` gets the arguments without ``--debug``
+    and returns its closing line (printed) or None. A UserError becomes ``error: <message>`` on
+    stderr and exit code 2 (with ``--debug`` it is re-raised, for the traceback); Ctrl-C prints
+    ``interrupted`` and gives 130.
+    """
+    argv = list(argv)
+    if "-h" in argv or "--help" in argv:
+        print(usage)
+        return 0
+    try:
+        closing = work([a for a in argv if a != "--debug"])
+    except UserError as e:
+        if "--debug" in argv:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr)
+        return 130
+    if closing:
+        print(closing)
+    return 0
