@@ -132,11 +132,6 @@ def run_category(method: str, config: dict[str, Any], category: str, world: Worl
         # runs on GPUs only: on CPU each process normalises its own share, see README).
         model.student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.student)
     name = method_name(method, config["memory.enabled"])
-    if writer:
-        tqdm.write(f"{name} | {config['data.dataset']}/{category} | {len(splits.train)} train, {len(splits.val)} val, "
-                   f"{len(splits.test)} test images | device {device}"
-                   + (f" | {world.size} processes share each batch" if data_parallel else ""))
-        tqdm.write(f"teacher {config['model.backbone']}: {model.teacher_description}")
     if config["phase"] == "test" and not (run_dir / "best.pt").is_file():
         raise UserError(f"no checkpoint at {run_dir / 'best.pt'}; train first with phase=train")
     lock = RunLock(run_dir)
@@ -158,6 +153,11 @@ def run_category(method: str, config: dict[str, Any], category: str, world: Worl
                 return done
         if writer:
             remove_stale_temporaries(run_dir)  # left by a run killed mid-save; the files it replaced are intact
+            # Said once the folder is ours: in a sweep, this line means this process runs the category.
+            tqdm.write(f"{name} | {config['data.dataset']}/{category} | {len(splits.train)} train, "
+                       f"{len(splits.val)} val, {len(splits.test)} test images | device {device}"
+                       + (f" | {world.size} processes share each batch" if data_parallel else ""))
+            tqdm.write(f"teacher {config['model.backbone']}: {model.teacher_description}")
         state = TrainingState()
         if config["phase"] == "train":
             state = train(model, method, splits, config, run_dir, device, data_digest,
