@@ -20,6 +20,14 @@ def normalised_entropy(weights: Tensor) -> Tensor:
     return entropy.mean() / math.log(slots)
 
 
+def _softmax_over_channels(x: Tensor) -> Tensor:
+    """Softmax over dim 1 of [B, L, H, W], along whichever dimension is innermost in memory:
+    in channels_last the slots are, and the softmax runs on a contiguous [B, H, W, L] view."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.softmax(x.permute(0, 2, 3, 1), dim=-1).permute(0, 3, 1, 2)
+    return torch.softmax(x, dim=1)
+
+
 class NormalityMemory(nn.Module):
     """L keys and L values of C channels, both trained.
 
@@ -36,20 +44,23 @@ class NormalityMemory(nn.Module):
         self.values = nn.Parameter(torch.randn(slots, channels))
         self.temperature = temperature
 
-    def address(self, queries: Tensor, rows: Tensor) -> Tensor:
-        """Softmax weights [P, L] of P queries [P, C] over the memory ``rows`` [L, C]."""
+    def _read(self, features: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """The mix of values [B, C, H, W] that ``features`` [B, C, H, W] read when they address
+        ``rows`` [L, C], and the read weights [BHW, L] (row b*H*W + y*W + x: position (b, y, x))."""
+        slots = rows.shape[0]
         # In float32 even under autocast: with a small temperature, bfloat16 rounding of the
         # cosines would visibly change which slots are read.
-        with torch.autocast(queries.device.type, enabled=False):
-            similarity = F.normalize(queries.float(), dim=1) @ F.normalize(rows.float(), dim=1).t()
-            return torch.softmax(similarity / self.temperature, dim=1)
-
-    def _read(self, features: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
-        b, c, h, w = features.shape
-        queries = features.permute(0, 2, 3, 1).reshape(-1, c)
-        weights = self.address(queries, rows)
-        read = (weights @ self.values.float()).reshape(b, h, w, c).permute(0, 3, 1, 2)
-        return read, weights
+        with torch.autocast(features.device.type, enabled=False):
+            queries = F.normalize(features.float(), dim=1)
+            # 1/T scales the L normalised rows, not the B*H*W x L similarities.
+            rows = F.normalize(rows.float(), dim=1) / self.temperature
+            # Both products are 1x1 convolutions: they run in the features' own layout, with no
+            # permuted copies, through the convolution library (on CPU about a quarter faster,
+            # forward + backward, than matmuls on a [B*H*W, C] view at stride 4, 256 px).
+            similarity = F.conv2d(queries, rows[:, :, None, None])  # [B, L, H, W]
+            weights = _softmax_over_channels(similarity)
+            read = F.conv2d(weights, self.values.float().t()[:, :, None, None])
+        return read, weights.permute(0, 2, 3, 1).reshape(-1, slots)
 
     def recall(self, features: Tensor) -> tuple[Tensor, Tensor]:
         """Normal features recalled for ``features`` [B, C, H, W] through the keys, and the weights [BHW, L]."""
