@@ -38,6 +38,7 @@ class MemKD(nn.Module):
         self.teacher_fingerprint = teacher_fingerprint
         self.teacher_description = teacher_description
         self._exemplar_features: list[Tensor] = []
+        self.set_inference_teacher(None)
 
     @property
     def has_memory(self) -> bool:
@@ -47,20 +48,37 @@ class MemKD(nn.Module):
         """Everything that trains: the student, its bottleneck and memories. Never the teacher."""
         return [p for p in self.student.parameters() if p.requires_grad]
 
+    def set_inference_teacher(self, network: nn.Module | None) -> None:
+        """Compute every teacher feature with ``network``, a network equivalent to the teacher (e.g.
+        its batch norms folded, utils/acceleration.py), or with the teacher itself for None.
+
+        It is kept outside the module tree: ``self.teacher``, ``state_dict()`` and ``.to()`` never
+        see it, so the teacher stays exactly the library's weights. Call it after ``.to(device)``.
+        """
+        self.__dict__["_inference_teacher"] = network  # not nn.Module.__setattr__: no registration
+
     @torch.no_grad()
     def set_exemplars(self, images: Tensor) -> None:
         """Fix the exemplar set: its teacher features, computed once (the teacher never changes)."""
         if not self.has_memory:
             return
-        self._exemplar_features = self.teacher(images)
+        self._exemplar_features = self.teacher_features(images)
 
-    def loss(self, images: Tensor) -> dict[str, Tensor]:
+    @torch.no_grad()
+    def teacher_features(self, images: Tensor) -> list[Tensor]:
+        """The frozen teacher's features of ``images`` (strides 4, 8, 16): the same for an image in
+        every epoch, so training may compute them once and pass them back to :meth:`loss`."""
+        network = self.__dict__["_inference_teacher"]
+        return (self.teacher if network is None else network)(images)
+
+    def loss(self, images: Tensor, teacher_features: list[Tensor] | None = None) -> dict[str, Tensor]:
         """Losses on a batch of normal images: ``loss`` to minimise, plus detached terms to log.
 
         loss = L_KD + lambda1 * L_NM + lambda2 * L_Orth (the last two only with memory).
+        ``teacher_features``, when given, must be :meth:`teacher_features` of ``images`` (e.g. from
+        a cache); otherwise the teacher runs here.
         """
-        with torch.no_grad():
-            teacher = self.teacher(images)
+        teacher = self.teacher_features(images) if teacher_features is None else teacher_features
         student = self.student(images, teacher)
         kd = self.distillation_loss(student.features, teacher)
         terms = {"kd": kd}
@@ -86,12 +104,12 @@ class MemKD(nn.Module):
     @torch.no_grad()
     def distillation_error(self, images: Tensor) -> Tensor:
         """L_KD on a batch, for model selection on held-out normal images."""
-        teacher = self.teacher(images)
+        teacher = self.teacher_features(images)
         return self.distillation_loss(self.student(images, teacher).features, teacher)
 
     @torch.no_grad()
     def anomaly_map(self, images: Tensor) -> Tensor:
         """Anomaly maps [B, H, W] at image resolution, scored as ``map_settings`` says."""
-        teacher = self.teacher(images)
+        teacher = self.teacher_features(images)
         student = self.student(images, teacher).features
         return anomaly_map(student, teacher, images.shape[-1], self.map_settings)

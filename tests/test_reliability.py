@@ -369,9 +369,10 @@ def test_a_nan_loss_at_epoch_2_stops_naming_epoch_and_step_and_keeps_epoch_1(
     calls = {"n": 0}
     saved_after_epoch_1: dict[str, bytes] = {}
 
-    def loss_nan_from_epoch_2(self: MemKD, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def loss_nan_from_epoch_2(self: MemKD, images: torch.Tensor,
+                              teacher_features: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         calls["n"] += 1
-        losses = real_loss(self, images)
+        losses = real_loss(self, images, teacher_features)
         if calls["n"] > steps_per_epoch:
             saved_after_epoch_1.setdefault("last.pt", (run_dir(out) / "last.pt").read_bytes())
             losses["loss"] = losses["loss"] * float("nan")

@@ -25,6 +25,7 @@ import yaml
 from datasets import DATASET_NAMES
 from models import BACKBONES, COMBINE_MODES, DISTILLATION_LOSSES, FUSION_MODES
 from utils.errors import UserError
+from utils.feature_cache import CACHE_CHOICES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "config.yaml"
@@ -125,6 +126,17 @@ SCHEMA: dict[str, Key] = {
                               "finished with the same config; false retrains from scratch", scope="run"),
     "train.device": Key(str, "`auto` picks CUDA when present", choices=("auto", "cpu", "cuda"), scope="run"),
     "train.amp": Key(bool, "bfloat16 autocast on CUDA (ignored on CPU)"),
+    # Speed only: the same model up to float rounding (measured: README, "Speed"). float16 and
+    # channels_last change the rounding, so they are training settings; the budget only moves
+    # which images stream, which a finished run does not depend on.
+    "train.feature_cache": Key(str, "teacher features of the training images computed once per run and kept in memory: "
+                                    "`float32` (bit-identical to recomputing them), `float16` (half the memory, features "
+                                    "rounded) or `off` (the teacher runs in every step)", choices=CACHE_CHOICES),
+    "train.cache_budget_mb": Key(int, "memory the teacher-feature cache may take, in MiB (on the training device); "
+                                      "images past it are streamed through the teacher in every step",
+                                 _non_negative, ">= 0", scope="run"),
+    "train.channels_last": Key(bool, "channels-last memory layout for images and features (faster convolutions on "
+                                      "CPU and GPU; float rounding only)"),
     "train.parallel": Key(str, "under torchrun: `categories` (each process trains whole categories of a sweep) or "
                                "`data` (the processes share each batch of one category, gradients averaged)",
                           choices=("categories", "data"), scope="run"),

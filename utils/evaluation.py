@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from models import MemKD
 from models.anomaly_map import MapSettings, image_scores
+from utils.acceleration import folded_student, prepare_model, to_device
 from utils.checkpoint import check_fits, load_checkpoint, load_student
 from utils.config import keys_in_scope
 from utils.device import autocast, make_loader
@@ -34,9 +35,9 @@ def anomaly_maps(model: MemKD, dataset: Dataset, config: dict[str, Any], device:
     """Anomaly maps [N, H, W] (CPU) for a dataset, computed in batches, with masks and labels."""
     model.eval()
     maps, masks, labels, has_mask = [], [], [], []
-    with autocast(config, device):
+    with autocast(config, device), folded_student(model):
         for batch in tqdm(make_loader(dataset, config["eval.batch_size"], config, device), desc=desc, leave=False, disable=None):
-            maps.append(model.anomaly_map(batch["image"].to(device, non_blocking=True)).float().cpu())
+            maps.append(model.anomaly_map(to_device(batch["image"], config, device)).float().cpu())
             masks.append(batch["mask"][:, 0])
             labels.append(torch.as_tensor(batch["label"]))
             has_mask.append(torch.as_tensor(batch["has_mask"]))
@@ -65,6 +66,7 @@ def evaluate_checkpoint(model: MemKD, method: str, splits: Any, config: dict[str
     best = load_checkpoint(best_path)
     check_fits(best, best_path, method, config, model.teacher_fingerprint, data_digest)
     load_student(model, best, best_path)
+    prepare_model(model, config, device)  # as training left it; phase=test trains nothing
     model.map_settings = MapSettings.from_config(config)
     started = time.perf_counter()
     metrics, test = evaluate(model, splits, config, device)

@@ -17,10 +17,12 @@ from tqdm import tqdm
 
 from datasets import AnomalyDataset
 from models import MemKD
+from utils.acceleration import prepare_model, to_device
 from utils.checkpoint import check_fits, load_checkpoint, load_student, save_checkpoint
 from utils.device import autocast, make_loader
 from utils.distributed import ShardedBatches, World, all_finite, average_gradients, broadcast_buffers
 from utils.errors import UserError
+from utils.feature_cache import IndexedDataset, TeacherFeatureCache
 
 
 @dataclass
@@ -107,7 +109,7 @@ def validation_error(model: MemKD, dataset: Dataset, config: dict[str, Any], dev
     total, count = 0.0, 0
     with autocast(config, device):
         for batch in make_loader(dataset, config["eval.batch_size"], config, device):
-            images = batch["image"].to(device, non_blocking=True)
+            images = to_device(batch["image"], config, device)
             total += model.distillation_error(images).item() * len(images)
             count += len(images)
     model.train()
@@ -116,8 +118,9 @@ def validation_error(model: MemKD, dataset: Dataset, config: dict[str, Any], dev
 
 def _train_one_epoch(model: MemKD, optimizer: torch.optim.Optimizer, loader: DataLoader, config: dict[str, Any],
                      device: torch.device, epoch: int, state: TrainingState, last_path: Path,
-                     world: World = World()) -> dict[str, float]:
-    """One pass over the training images; the mean of every logged loss term over its steps.
+                     world: World = World(), cache: TeacherFeatureCache | None = None) -> dict[str, float]:
+    """One pass over the training images (batches of IndexedDataset items); the mean of every
+    logged loss term over its steps. Teacher features come from ``cache`` when there is one.
 
     In a data-parallel world each rank sees its share of every batch and the gradients are
     averaged before the step, so every rank takes the same step (utils/distributed.py).
@@ -126,9 +129,10 @@ def _train_one_epoch(model: MemKD, optimizer: torch.optim.Optimizer, loader: Dat
     steps = 0
     for step, batch in enumerate(tqdm(loader, desc=f"epoch {epoch}/{config['train.epochs']}", leave=False,
                                       disable=None), start=1):
-        images = batch["image"].to(device, non_blocking=True)
+        images = to_device(batch["image"], config, device)
         with autocast(config, device):
-            losses = model.loss(images)
+            teacher = cache.lookup(batch["index"], images, model.teacher_features) if cache else None
+            losses = model.loss(images, teacher)
         loss_value = losses["loss"].item()
         if not all_finite(loss_value, world):  # every rank stops together, never one left waiting
             raise _diverged(f"the loss became {loss_value}", epoch, step, state.epoch, last_path)
@@ -157,10 +161,11 @@ def train(model: MemKD, method: str, splits: Any, config: dict[str, Any], run_di
     anything is saved, so ``last.pt`` and ``best.pt`` always hold a finite model.
     """
     seed, epochs = config["train.seed"], config["train.epochs"]
+    prepare_model(model, config, device)
     exemplars = choose_exemplars(len(splits.train), config["memory.exemplars"], seed) if model.has_memory else []
     exemplar_names = exemplar_files(splits.train, exemplars, config["data.root"])
     if exemplars:
-        model.set_exemplars(torch.stack([splits.train[i]["image"] for i in exemplars]).to(device))
+        model.set_exemplars(to_device(torch.stack([splits.train[i]["image"] for i in exemplars]), config, device))
     optimizer = build_optimizer(model.trainable_parameters(), config)
     scheduler = build_scheduler(optimizer, config)
     state = TrainingState()
@@ -177,13 +182,25 @@ def train(model: MemKD, method: str, splits: Any, config: dict[str, Any], run_di
         if state.epoch < epochs:
             tqdm.write(f"resuming from {last_path} after epoch {state.epoch}")
 
+    cache = None
+    if state.epoch < epochs:  # filled once per process: a resumed run fills it again
+        started = time.perf_counter()
+        cache = TeacherFeatureCache.fill(model.teacher_features, splits.train, model.teacher.channels,
+                                         config["data.image_size"], config, device,
+                                         lambda images: to_device(images, config, device))
+        state.seconds += time.perf_counter() - started
+        if cache is not None and world.is_main:
+            tqdm.write(cache.describe())
     model.train()
     for epoch in range(state.epoch + 1, epochs + 1):
         started = time.perf_counter()
         generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        loader = make_loader(splits.train, config["train.batch_size"], config, device, generator, world)
+        # Indexed items tell the cache which images a batch holds; same length and generator, so
+        # exactly the batches of the plain dataset.
+        loader = make_loader(IndexedDataset(splits.train), config["train.batch_size"], config, device, generator,
+                             world)
         record = {"epoch": epoch, **_train_one_epoch(model, optimizer, loader, config, device, epoch, state, last_path,
-                                                     world)}
+                                                     world, cache)}
         broadcast_buffers(model.student, world)  # rank 0's BatchNorm statistics, so all ranks validate alike
         scheduler.step()
         if len(splits.val):
