@@ -1,95 +1,170 @@
-"""Training and inference throughput, memory off vs on (and bf16 autocast on CUDA), side by side.
+"""Training and anomaly-map throughput, memory off vs on, the engine's speed path vs the plain one.
 
-    python benchmarks/train_speed.py [--backbone resnet18] [--size 256] [--batch 16] [--steps 10] [--device auto]
+    python benchmarks/train_speed.py [--backbone mobilenet_v2] [--size 256] [--batch 16] [--steps 5] [--rounds 3]
+                                     [--methods st,rd] [--threads N] [--clock wall|cpu] [--device auto]
 
-For ST and RD, times ``--steps`` optimiser steps of the engine's own code path (``model.loss``,
-backward, step) and ``anomaly_map`` batches on random images, after two warm-up steps, and prints
-images per second with the ratio to the memory-off baseline measured in the same run (these
-machines are noisy: compare ratios, not seconds across runs). On CUDA it adds bf16 autocast rows
-and the peak GPU memory. The teacher is random: speed does not depend on weights.
+For ST and RD, times ``--steps`` optimiser steps of the engine's own code (the teacher-feature
+cache's lookup, ``model.loss``, backward, step) and ``anomaly_map`` batches on random images,
+after three warm-up steps, for four variants: memory off and on, each on the engine's speed path
+(``train.feature_cache=float32``, ``train.channels_last=true``, batch norms folded for inference:
+utils/acceleration.py) and on the code path before the speed work (none of it). Variants alternate within each of ``--rounds`` rounds and the table shows
+medians over rounds: these machines are shared and noisy, so compare ratios measured in one run,
+not seconds across runs. ``--clock cpu`` (with ``--threads 1``) times by this process's CPU time
+instead of the wall clock: figures that other jobs on the machine barely move, since a single
+thread never waits for a descheduled partner. ``memory cost`` is the training step time with memory over without, on
+the same path; ``speed-up`` is the speed path over the plain one. The teacher is random: speed
+does not depend on weights. On CUDA see benchmarks/gpu_speed.py.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
+import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
+from torch.utils.data import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from models import build_model, method_name  # noqa: E402
+from utils.acceleration import inference_copy, prepare_model, to_device  # noqa: E402
 from utils.config import load_config  # noqa: E402
-from utils.device import select_device  # noqa: E402
+from utils.device import autocast, select_device  # noqa: E402
+from utils.feature_cache import TeacherFeatureCache  # noqa: E402
 from utils.training import build_optimizer  # noqa: E402
 
 
-def _sync(device: torch.device) -> None:
+class RandomImages(Dataset):
+    """``count`` seeded random images of ``size`` px, as dataset items."""
+
+    def __init__(self, count: int, size: int):
+        generator = torch.Generator().manual_seed(0)
+        self.images = torch.randn(count, 3, size, size, generator=generator)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"image": self.images[index]}
+
+
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
-def measure(method: str, memory: bool, amp: bool, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
-    """Images/s for training steps and for anomaly maps, and peak CUDA memory in GiB (0 on CPU)."""
-    config = load_config(method, [f"model.backbone={args.backbone}", "model.pretrained=false",
-                                  f"memory.enabled={str(memory).lower()}"])
+def speed_config(method: str, backbone: str, memory: bool, fast: bool, extra: list[str] = ()) -> dict[str, Any]:
+    """The run config of a variant: the engine's speed path (cache + channels_last) or neither."""
+    config = load_config(method, [f"model.backbone={backbone}", "model.pretrained=false",
+                                  f"memory.enabled={str(memory).lower()}", "data.num_workers=0", *extra])
+    config["train.feature_cache"] = "float32" if fast else "off"
+    config["train.channels_last"] = fast
+    config["speed path"] = fast  # this benchmark's own flag: without it, nothing of utils/acceleration runs
+    return config
+
+
+def step_functions(config: dict[str, Any], method: str, batch: int, size: int, device: torch.device,
+                   compile_student: bool = False) -> tuple[Callable[[], None], Callable[[], None]]:
+    """(one training step, one batch of anomaly maps) as the engine runs them for ``config``;
+    ``compile_student`` runs the student through ``torch.compile``."""
+    config = {**config, "train.batch_size": batch}
     model = build_model(method, config).to(device)
+    fast = config["speed path"]
+    if fast:  # the teacher folded and in channels_last; otherwise the code path before the speed work
+        prepare_model(model, config, device)
+    if compile_student:
+        model.student.compile()
+    dataset = RandomImages(batch, size)
+    images = to_device(dataset.images, config, device)
+    indices = torch.arange(batch)
+    model.set_exemplars(images[: min(config["memory.exemplars"], batch)])
+    cache = TeacherFeatureCache.fill(model.teacher_features, dataset, model.teacher.channels, size, config, device,
+                                     lambda x: to_device(x, config, device))
     optimizer = build_optimizer(model.trainable_parameters(), config)
-    images = torch.randn(args.batch, 3, args.size, args.size, device=device)
-    model.set_exemplars(images[: min(config["memory.exemplars"], args.batch)])
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
 
     def train_step() -> None:
-        with autocast:
-            loss = model.loss(images)["loss"]
+        model.train()
+        with autocast(config, device):
+            teacher = cache.lookup(indices, images, model.teacher_features) if cache else None
+            loss = model.loss(images, teacher)["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        loss.item()  # the engine reads every loss: a synchronisation point on CUDA
 
+    # As utils/evaluation.py scores on the speed path: through a folded copy of the student, made
+    # once per evaluated dataset there, so once here (its weights do not change between batches).
+    scoring_student = inference_copy(model.student) if fast else model.student
+
+    @torch.no_grad()
     def map_step() -> None:
-        with autocast:
-            model.anomaly_map(images)
+        model.eval()
+        trained, model.student = model.student, scoring_student
+        try:
+            with autocast(config, device):
+                model.anomaly_map(images).float().cpu()
+        finally:
+            model.student = trained
 
-    rates = {}
-    for name, step, mode in (("train", train_step, True), ("maps", map_step, False)):
-        model.train(mode)
-        for _ in range(2):
-            step()
-        _sync(device)
-        started = time.perf_counter()
-        for _ in range(args.steps):
-            step()
-        _sync(device)
-        rates[name] = args.steps * args.batch / (time.perf_counter() - started)
-    rates["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
-    return rates
+    return train_step, map_step
+
+
+def images_per_second(step: Callable[[], None], steps: int, batch: int, device: torch.device,
+                      clock: Callable[[], float] = time.perf_counter) -> float:
+    """Throughput of ``steps`` calls of ``step`` after three warm-up calls (the convolution
+    library builds its kernels for each new shape in the first steps)."""
+    for _ in range(3):
+        step()
+    synchronize(device)
+    started = clock()
+    for _ in range(steps):
+        step()
+    synchronize(device)
+    return steps * batch / (clock() - started)
 
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backbone", default="resnet18")
+    parser.add_argument("--backbone", default="mobilenet_v2")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--methods", default="st,rd")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--clock", default="wall", choices=("wall", "cpu"))
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     args = parser.parse_args(argv)
     device = select_device(args.device)
-    torch.manual_seed(0)
-    print(f"{args.backbone}, {args.size} px, batch {args.batch}, {args.steps} timed steps, device {device}, "
-          f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}")
-    print(f"{'variant':<22}{'train img/s':>12}{'ratio':>8}{'maps img/s':>12}{'ratio':>8}{'peak GiB':>10}")
-    for method in ("st", "rd"):
-        baseline = None
-        for memory, amp in ((False, False), (True, False)) + (((False, True), (True, True)) if device.type == "cuda" else ()):
-            rates = measure(method, memory, amp, args, device)
-            baseline = baseline or rates
-            label = method_name(method, memory) + (" bf16" if amp else "")
-            print(f"{label:<22}{rates['train']:>12.1f}{rates['train'] / baseline['train']:>8.2f}"
-                  f"{rates['maps']:>12.1f}{rates['maps'] / baseline['maps']:>8.2f}{rates['peak_gib']:>10.2f}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.clock == "cpu" and (device.type == "cuda" or torch.get_num_threads() != 1):
+        parser.error("--clock cpu measures one CPU thread: use it with --threads 1 on the CPU")
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    print(f"{args.backbone}, {args.size} px, batch {args.batch}, {args.steps} timed steps x {args.rounds} rounds, "
+          f"device {device}, {torch.get_num_threads()} CPU threads, {args.clock} clock, torch {torch.__version__}")
+    print(f"{'variant':<32}{'train img/s':>12}{'memory cost':>13}{'speed-up':>10}{'maps img/s':>12}{'speed-up':>10}")
+    for method in (m for m in args.methods.split(",") if m):
+        variants = {(memory, fast): step_functions(speed_config(method, args.backbone, memory, fast), method,
+                                                   args.batch, args.size, device)
+                    for fast in (True, False) for memory in (False, True)}
+        rates: dict[tuple[bool, bool], list[tuple[float, float]]] = {key: [] for key in variants}
+        for _ in range(args.rounds):
+            for key, (train_step, map_step) in variants.items():
+                rates[key].append((images_per_second(train_step, args.steps, args.batch, device, clock),
+                                   images_per_second(map_step, args.steps, args.batch, device, clock)))
+        for fast in (True, False):
+            for memory in (False, True):
+                own, off, plain = rates[(memory, fast)], rates[(False, fast)], rates[(memory, False)]
+                cost = statistics.median(o[0] / m[0] for o, m in zip(off, own))
+                train_up = statistics.median(m[0] / p[0] for m, p in zip(own, plain))
+                maps_up = statistics.median(m[1] / p[1] for m, p in zip(own, plain))
+                label = f"{method_name(method, memory)}, {'speed path' if fast else 'before'}"
+                print(f"{label:<32}{statistics.median(r[0] for r in own):>12.1f}{cost:>13.2f}{train_up:>10.2f}"
+                      f"{statistics.median(r[1] for r in own):>12.1f}{maps_up:>10.2f}")
 
 
 if __name__ == "__main__":

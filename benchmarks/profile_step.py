@@ -1,0 +1,156 @@
+"""Where a training step and an evaluation batch spend their time, from torch.profiler.
+
+    python benchmarks/profile_step.py [--methods st,rd] [--backbone mobilenet_v2] [--size 256] [--batch 16] [--steps 3]
+                                      [--threads 1]
+
+Runs the engine's step (teacher features from the cache, ``model.loss``, backward, optimiser
+step) and ``anomaly_map`` with memory on, under torch.profiler, and prints each operator group's
+share of the CPU time: convolutions (the networks' and the memory's 1x1 ones), batch norms and
+activations (forward and backward), the softmax / normalisation / product / sum arithmetic of the
+memory read and the losses, layout copies and the optimiser. Also times, outside the profiler
+and by this process's CPU time (one thread by default, so other jobs on the machine barely move
+it), what the teacher-feature cache saves per step: one teacher forward pass; and, per memory,
+what each part of its work costs in a step (the read, the fusion, the exemplar rebuild, the
+logged entropies).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from benchmarks.train_speed import speed_config, step_functions  # noqa: E402
+from models import build_model, method_name  # noqa: E402
+from models.losses import normality_embedding_loss  # noqa: E402
+from models.memory import normalised_entropy  # noqa: E402
+from utils.acceleration import prepare_model, to_device  # noqa: E402
+
+# Operator name fragments -> group, first match wins; "autograd::" wrappers are bookkeeping.
+GROUPS = (
+    ("convolution", ("convolution", "conv2d", "mkldnn_conv", "conv_transpose", "slow_conv")),
+    ("batch norm", ("batch_norm",)),
+    ("activations", ("relu", "hardtanh", "threshold", "clamp")),
+    ("optimiser", ("_foreach", "sgd", "adam", "zero_", "lerp", "addcdiv", "addcmul", "sqrt")),
+    ("softmax, normalise, products, sums (memory read, losses, residual adds)",
+     ("softmax", "norm", "div", "mul", "sub", "pow", "sum", "mean", "log", "mm", "cat", "masked_fill", "neg", "exp",
+      "cosine", "add")),
+    ("layout copies", ("copy_", "contiguous", "clone", "index")),
+)
+
+
+def group_of(name: str) -> str:
+    lowered = name.lower()
+    for group, fragments in GROUPS:
+        if any(fragment in lowered for fragment in fragments):
+            return group
+    return "other"
+
+
+def shares(step, repeats: int) -> dict[str, float]:
+    """Self CPU time per operator group over ``repeats`` calls of ``step``, as fractions."""
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(repeats):
+            step()
+    totals: dict[str, float] = defaultdict(float)
+    for event in prof.key_averages():
+        if not event.key.startswith("autograd::"):
+            totals[group_of(event.key)] += event.self_cpu_time_total
+    whole = sum(totals.values())
+    return {group: value / whole for group, value in sorted(totals.items(), key=lambda kv: -kv[1])}
+
+
+def _median_time(step, clock, repeats: int = 5) -> float:
+    step()
+    times = []
+    for _ in range(repeats):
+        started = clock()
+        step()
+        times.append(clock() - started)
+    return statistics.median(times)
+
+
+def memory_pieces(model, images: torch.Tensor, exemplars: int, clock) -> list[str]:
+    """Per memory, forward + backward time of each part of its work in a training step, on the
+    shapes the step has: the read (queries against keys, softmax, weighted read of values), the
+    fusion (concatenation, 1x1 convolution, batch norm, ReLU), the exemplar rebuild with L_NM,
+    and the two recall entropies that are logged."""
+    lines = []
+    teacher = model.teacher_features(images)
+    targets = model.student.memory_targets(model.teacher_features(images[:exemplars]))
+    for fusion, feature, target in zip(model.student.memories, model.student.memory_targets(teacher), targets):
+        queries = feature.detach().clone().requires_grad_()
+        memory = fusion.memory
+
+        def read():
+            recalled, _ = memory.recall(queries)
+            recalled.sum().backward()
+
+        def fuse():
+            if fusion.fuse is not None:
+                fusion.fuse(torch.cat([queries, queries.detach()], dim=1)).sum().backward()
+
+        def rebuild():
+            rebuilt, _ = memory.rebuild(target)
+            normality_embedding_loss(rebuilt, target).backward()
+
+        def entropies():
+            with torch.no_grad():
+                normalised_entropy(memory.recall(queries)[1]), normalised_entropy(memory.rebuild(target)[1])
+
+        with torch.no_grad():
+            reads = _median_time(lambda: (memory.recall(queries), memory.rebuild(target)), clock)
+        timed = {name: _median_time(step, clock) for name, step in
+                 (("read", read), ("fusion conv+BN+ReLU", fuse), ("exemplar rebuild + L_NM", rebuild))}
+        timed["entropies"] = _median_time(entropies, clock) - reads  # their reads are timed above
+        shape = "x".join(str(d) for d in feature.shape)
+        lines.append(f"  memory on {shape}: " + ", ".join(f"{k} {1000 * v:.0f} ms" for k, v in timed.items()))
+    return lines
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default="st,rd")
+    parser.add_argument("--backbone", default="mobilenet_v2")
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    clock = time.process_time if args.threads == 1 else time.perf_counter
+    device = torch.device("cpu")
+    print(f"{args.backbone}, {args.size} px, batch {args.batch}, {args.steps} profiled steps, CPU, "
+          f"{torch.get_num_threads()} threads; memory on, teacher-feature cache and channels_last on")
+    for method in (m for m in args.methods.split(",") if m):
+        config = speed_config(method, args.backbone, memory=True, fast=True)
+        train_step, map_step = step_functions(config, method, args.batch, args.size, device)
+        for name, step in (("training step", train_step), ("anomaly maps", map_step)):
+            found = shares(step, args.steps)
+            print(f"{method_name(method, True)} {name}: " + ", ".join(f"{g} {100 * s:.0f}%" for g, s in found.items()))
+        model = prepare_model(build_model(method, {**config, "train.batch_size": args.batch}), config, device)
+        images = to_device(torch.randn(args.batch, 3, args.size, args.size), config, device)
+        model.teacher_features(images)
+        started = clock()
+        model.teacher_features(images)
+        teacher = clock() - started
+        train_step()
+        started = clock()
+        train_step()
+        step = clock() - started
+        print(f"  one teacher forward pass (what the cache saves per step): {teacher:.2f} s; "
+              f"the cached step itself: {step:.2f} s ({'CPU' if args.threads == 1 else 'wall'} time)")
+        model.train()
+        print("\n".join(memory_pieces(model, images, config["memory.exemplars"], clock)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
