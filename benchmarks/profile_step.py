@@ -31,7 +31,7 @@ from benchmarks.train_speed import speed_config, step_functions  # noqa: E402
 from models import build_model, method_name  # noqa: E402
 from models.losses import normality_embedding_loss  # noqa: E402
 from models.memory import normalised_entropy  # noqa: E402
-from utils.acceleration import prepare_model, to_device  # noqa: E402
+from utils.acceleration import to_device  # noqa: E402
 
 # Operator name fragments -> group, first match wins; "autograd::" wrappers are bookkeeping.
 GROUPS = (
@@ -128,15 +128,16 @@ def main(argv: list[str]) -> None:
     torch.set_num_threads(args.threads)
     clock = time.process_time if args.threads == 1 else time.perf_counter
     device = torch.device("cpu")
-    print(f"{args.backbone}, {args.size} px, batch {args.batch}, {args.steps} profiled steps, CPU, "
-          f"{torch.get_num_threads()} threads; memory on, teacher-feature cache and channels_last on")
     for method in (m for m in args.methods.split(",") if m):
         config = speed_config(method, args.backbone, memory=True, fast=True)
+        print(f"{args.backbone}, {args.size} px, batch {args.batch}, {args.steps} profiled steps, CPU, "
+              f"{torch.get_num_threads()} threads; memory on, teacher-feature cache on, "
+              f"channels_last {str(config['train.channels_last']).lower()}")
         train_step, map_step = step_functions(config, method, args.batch, args.size, device)
         for name, step in (("training step", train_step), ("anomaly maps", map_step)):
             found = shares(step, args.steps)
             print(f"{method_name(method, True)} {name}: " + ", ".join(f"{g} {100 * s:.0f}%" for g, s in found.items()))
-        model = prepare_model(build_model(method, {**config, "train.batch_size": args.batch}), config, device)
+        model = build_model(method, {**config, "train.batch_size": args.batch})
         images = to_device(torch.randn(args.batch, 3, args.size, args.size), config, device)
         model.teacher_features(images)
         started = clock()

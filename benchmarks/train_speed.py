@@ -6,8 +6,8 @@
 For ST and RD, times ``--steps`` optimiser steps of the engine's own code (the teacher-feature
 cache's lookup, ``model.loss``, backward, step) and ``anomaly_map`` batches on random images,
 after three warm-up steps, for four variants: memory off and on, each on the engine's speed path
-(``train.feature_cache=float32``, ``train.channels_last=true``, batch norms folded for inference:
-utils/acceleration.py) and on the code path before the speed work (none of it). Variants alternate within each of ``--rounds`` rounds and the table shows
+(``train.feature_cache=float32``, batch norms folded for maps, ``train.channels_last`` as
+config.yaml has it unless given as a trailing ``key=value``: utils/acceleration.py) and on the code path before the speed work (none of it). Variants alternate within each of ``--rounds`` rounds and the table shows
 medians over rounds: these machines are shared and noisy, so compare ratios measured in one run,
 not seconds across runs. ``--clock cpu`` (with ``--threads 1``) times by this process's CPU time
 instead of the wall clock: figures that other jobs on the machine barely move, since a single
@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from models import build_model, method_name  # noqa: E402
-from utils.acceleration import inference_copy, prepare_model, to_device  # noqa: E402
+from utils.acceleration import inference_copy, memory_format, to_device, tune_for  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.device import autocast, select_device  # noqa: E402
 from utils.feature_cache import TeacherFeatureCache  # noqa: E402
@@ -57,11 +57,13 @@ def synchronize(device: torch.device) -> None:
 
 
 def speed_config(method: str, backbone: str, memory: bool, fast: bool, extra: list[str] = ()) -> dict[str, Any]:
-    """The run config of a variant: the engine's speed path (cache + channels_last) or neither."""
+    """The run config of a variant: the engine's speed path (the teacher-feature cache; batch norms
+    folded for maps; ``train.channels_last`` as config.yaml or ``extra`` set it) or none of it."""
     config = load_config(method, [f"model.backbone={backbone}", "model.pretrained=false",
                                   f"memory.enabled={str(memory).lower()}", "data.num_workers=0", *extra])
     config["train.feature_cache"] = "float32" if fast else "off"
-    config["train.channels_last"] = fast
+    if not fast:
+        config["train.channels_last"] = False
     config["speed path"] = fast  # this benchmark's own flag: without it, nothing of utils/acceleration runs
     return config
 
@@ -73,8 +75,7 @@ def step_functions(config: dict[str, Any], method: str, batch: int, size: int, d
     config = {**config, "train.batch_size": batch}
     model = build_model(method, config).to(device)
     fast = config["speed path"]
-    if fast:  # the teacher folded and in channels_last; otherwise the code path before the speed work
-        prepare_model(model, config, device)
+    tune_for(device)
     if compile_student:
         model.student.compile()
     dataset = RandomImages(batch, size)
@@ -95,19 +96,23 @@ def step_functions(config: dict[str, Any], method: str, batch: int, size: int, d
         optimizer.step()
         loss.item()  # the engine reads every loss: a synchronisation point on CUDA
 
-    # As utils/evaluation.py scores on the speed path: through a folded copy of the student, made
-    # once per evaluated dataset there, so once here (its weights do not change between batches).
-    scoring_student = inference_copy(model.student) if fast else model.student
+    # As utils/evaluation.py scores on the speed path: through folded copies of teacher and student
+    # (folded_for_inference), made once per evaluated dataset there, so once here.
+    layout = memory_format(config)
+    scoring_student = inference_copy(model.student, layout) if fast else model.student
+    scoring_teacher = inference_copy(model.teacher, layout) if fast else None
 
     @torch.no_grad()
     def map_step() -> None:
         model.eval()
         trained, model.student = model.student, scoring_student
+        model.set_inference_teacher(scoring_teacher)
         try:
             with autocast(config, device):
                 model.anomaly_map(images).float().cpu()
         finally:
             model.student = trained
+            model.set_inference_teacher(None)
 
     return train_step, map_step
 
@@ -137,6 +142,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--clock", default="wall", choices=("wall", "cpu"))
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("overrides", nargs="*", help="key=value for every variant, e.g. train.channels_last=true")
     args = parser.parse_args(argv)
     device = select_device(args.device)
     if args.threads:
@@ -148,7 +154,7 @@ def main(argv: list[str]) -> None:
           f"device {device}, {torch.get_num_threads()} CPU threads, {args.clock} clock, torch {torch.__version__}")
     print(f"{'variant':<32}{'train img/s':>12}{'memory cost':>13}{'speed-up':>10}{'maps img/s':>12}{'speed-up':>10}")
     for method in (m for m in args.methods.split(",") if m):
-        variants = {(memory, fast): step_functions(speed_config(method, args.backbone, memory, fast), method,
+        variants = {(memory, fast): step_functions(speed_config(method, args.backbone, memory, fast, args.overrides), method,
                                                    args.batch, args.size, device)
                     for fast in (True, False) for memory in (False, True)}
         rates: dict[tuple[bool, bool], list[tuple[float, float]]] = {key: [] for key in variants}

@@ -9,7 +9,7 @@ from datasets import build_datasets
 from models import build_model
 from models.feature_extractor import BACKBONES, FeatureExtractor
 from tests.fixtures import make_mvtec_folder
-from utils.acceleration import prepare_model, to_device
+from utils.acceleration import to_device
 from utils.config import load_config
 from utils.feature_cache import IndexedDataset, TeacherFeatureCache, feature_bytes_per_image
 from utils.training import train
@@ -28,7 +28,7 @@ def run_config(data_root: Path, out: Path, **overrides) -> dict:
                                 "data.num_workers=0", "data.val_fraction=0.25", "model.backbone=resnet18",
                                 "model.pretrained=false", "train.epochs=2", "train.batch_size=3",
                                 "eval.batch_size=4", "memory.exemplars=2", "train.device=cpu", f"output.dir={out}"])
-    config.update({"train.feature_cache": "float32", "train.cache_budget_mb": 4096, "train.channels_last": True})
+    config.update({"train.feature_cache": "float32", "train.cache_budget_mb": 4096, "train.channels_last": False})
     config.update(overrides)
     return config
 
@@ -40,7 +40,6 @@ def splits_for(config: dict):
 
 def fill(model, splits, config) -> TeacherFeatureCache | None:
     device = torch.device("cpu")
-    prepare_model(model, config, device)
     return TeacherFeatureCache.fill(model.teacher_features, splits.train, model.teacher.channels, SIZE, config,
                                     device, lambda images: to_device(images, config, device))
 

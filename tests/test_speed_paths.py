@@ -1,6 +1,6 @@
 """The speed paths compute what the plain ones do, up to float rounding: channels_last, batch norms
 folded into convolutions for inference, the memory read as convolutions; and none of them touches
-the teacher's weights or what a checkpoint holds."""
+the teacher's weights, what training computes or what a checkpoint holds."""
 from pathlib import Path
 
 import pytest
@@ -12,7 +12,7 @@ from models import build_model
 from models.feature_extractor import BACKBONES, FeatureExtractor
 from models.memory import MemoryFusion, NormalityMemory
 from tests.fixtures import make_mvtec_folder
-from utils.acceleration import fold_batchnorms, folded_student, inference_copy, prepare_model, to_device
+from utils.acceleration import fold_batchnorms, folded_for_inference, inference_copy, to_device
 from utils.config import load_config
 from utils.evaluation import anomaly_maps
 from utils.training import train
@@ -78,16 +78,19 @@ def test_the_saved_networks_keep_their_weights_and_layout(channels_last, data_ro
     config = tiny_config("st", data_root, tmp_path, channels_last)
     model = build_model("st", config)
     teacher_before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
-    prepare_model(model, config, torch.device("cpu"))
+    images = to_device(torch.randn(2, 3, SIZE, SIZE), config, torch.device("cpu"))
+    assert images.is_contiguous(memory_format=torch.channels_last) == channels_last
+    plain = model.teacher_features(images)  # the teacher itself: what training computes
+    with torch.no_grad(), folded_for_inference(model.eval(), config):
+        folded = model.teacher_features(images)  # the folded copy, in the configured layout
+        assert all(f.is_contiguous(memory_format=torch.channels_last) == channels_last for f in folded)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5 * a.abs().max().item()) for a, b in zip(plain, folded))
+    assert all(torch.equal(a, b) for a, b in zip(plain, model.teacher_features(images)))  # unfolded again after
     teacher_after = model.teacher.state_dict()
     assert teacher_after.keys() == teacher_before.keys()
     assert all(torch.equal(teacher_after[k], v) and teacher_after[k].is_contiguous() for k, v in teacher_before.items())
     assert all(t.is_contiguous() for t in model.student.state_dict().values())  # checkpoints keep their layout
-    images = to_device(torch.randn(2, 3, SIZE, SIZE), config, torch.device("cpu"))
-    assert images.is_contiguous(memory_format=torch.channels_last) == channels_last
-    features = model.teacher_features(images)  # the folded copy, in the configured layout
-    assert all(f.is_contiguous(memory_format=torch.channels_last) == channels_last for f in features)
-    model.set_exemplars(images)
+    model.train().set_exemplars(images)
     model.loss(images)["loss"].backward()  # the student's gradients land in its own (contiguous) layout
     assert all(p.grad is None or p.grad.is_contiguous() for p in model.student.parameters())
 
@@ -109,7 +112,7 @@ def test_a_folded_teacher_gives_the_teachers_features(backbone):
 
 
 @pytest.mark.parametrize("method", ["st", "rd"])
-def test_maps_with_a_folded_student_are_the_trained_students(method, data_root, tmp_path):
+def test_maps_through_folded_networks_are_the_trained_models(method, data_root, tmp_path):
     config = tiny_config(method, data_root, tmp_path, False)
     model = build_model(method, config)
     model.set_exemplars(torch.randn(2, 3, SIZE, SIZE))
@@ -122,7 +125,7 @@ def test_maps_with_a_folded_student_are_the_trained_students(method, data_root, 
     trained = model.student
     images = torch.randn(3, 3, SIZE, SIZE)
     expected = model.anomaly_map(images)
-    with folded_student(model):
+    with folded_for_inference(model, config):
         assert model.student is not trained
         assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.student.modules())
         got = model.anomaly_map(images)
@@ -159,6 +162,6 @@ def test_channels_last_evaluation_gives_the_nchw_maps(method, data_root, tmp_pat
     for channels_last in (True, False):
         config = tiny_config(method, data_root, tmp_path, channels_last)
         splits = build_datasets("mvtec", config["data.root"], "widget", SIZE, 0.25, 0, False)
-        model = prepare_model(build_model(method, config), config, torch.device("cpu"))
+        model = build_model(method, config)
         maps.append(anomaly_maps(model, splits.test, config, torch.device("cpu"))["maps"])
     assert torch.allclose(maps[0], maps[1], rtol=1e-4, atol=1e-5 * maps[1].abs().max().item())

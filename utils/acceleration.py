@@ -1,17 +1,16 @@
-"""Faster execution of the same network: channels_last, batch norms folded into convolutions for
-inference, cuDNN autotuning, input transfer.
+"""Faster execution of the same network: batch norms folded into convolutions for inference,
+channels_last, cuDNN autotuning, input transfer.
 
-None of this changes the math, only float rounding (measured in tests/test_speed_paths.py):
-
-* channels_last lets the convolution library (oneDNN on CPU, cuDNN on CUDA) run its fastest
-  kernels without converting layouts in every layer;
-* in inference a BatchNorm is a fixed per-channel scale and shift, which can be folded into the
+* In inference a BatchNorm is a fixed per-channel scale and shift, which can be folded into the
   convolution before it; on CPU the separate batch-norm pass took about half of a MobileNetV2
-  forward pass in channels_last (measured: 0.91 s -> 0.47 s for 16 images at 256 px, one thread).
-
-The frozen teacher always runs folded (through a copy: ``model.teacher`` and its weights stay
-exactly the library's); the student runs folded only while anomaly maps are computed, through a
-copy, so training and checkpoints never see a folded network.
+  forward pass (measured: 0.91 s -> 0.47 s for 16 images at 256 px, one thread). Anomaly maps
+  are computed through folded copies of teacher and student (:func:`folded_for_inference`);
+  ``model.teacher`` keeps exactly the library's weights, and training never runs folded.
+* channels_last (``train.channels_last``, off by default) lets the convolution library run its
+  fastest kernels without converting layouts in every layer. It is off because on CPU it does
+  not only round differently: the first step's gradient of a MobileNetV2 student differs from
+  the NCHW one by 0.4 % even in float64 (ResNets: 4e-7), a difference of the library's kernels
+  that we do not want in the numbers.
 """
 from __future__ import annotations
 
@@ -77,34 +76,34 @@ def inference_copy(module: nn.Module, layout: torch.memory_format = torch.contig
     return fast.to(memory_format=layout)
 
 
-def prepare_model(model: MemKD, config: dict[str, Any], device: torch.device) -> MemKD:
-    """``model`` ready for batches from :func:`to_device`: its teacher's forward passes through a
-    folded copy in that layout, and cuDNN autotuning on CUDA. Returns the model.
-
-    The student's weights keep the usual layout, so checkpoints do too; its activations take the
-    layout of its input (the images, or for RD the teacher's features), which is what counts.
-    """
+def tune_for(device: torch.device) -> None:
+    """cuDNN autotuning on CUDA: the input size never changes within a run, so it pays after a step."""
     if device.type == "cuda":
-        # The input size never changes within a run, so autotuning pays for itself after one step.
         torch.backends.cudnn.benchmark = True
-    model.set_inference_teacher(inference_copy(model.teacher, memory_format(config)))
-    return model
 
 
 @contextlib.contextmanager
-def folded_student(model: MemKD) -> Iterator[MemKD]:
-    """Within the block, ``model`` scores with an inference copy of its student (eval mode, batch
-    norms folded); the trained student is back in place afterwards, untouched."""
+def folded_for_inference(model: MemKD, config: dict[str, Any]) -> Iterator[MemKD]:
+    """Within the block, ``model`` scores through inference copies of its teacher and student
+    (eval mode, batch norms folded, in the layout of ``train.channels_last``); afterwards the
+    trained student is back in place and the teacher computes its own features again.
+
+    Training never runs folded: its teacher features, and so what it learns, are exactly those of
+    the library's network. Scoring runs folded, which moves maps by float rounding only (measured:
+    README, "Speed").
+    """
     trained = model.student
-    model.student = inference_copy(trained)
+    model.student = inference_copy(trained, memory_format(config))
+    model.set_inference_teacher(inference_copy(model.teacher, memory_format(config)))
     try:
         yield model
     finally:
         model.student = trained
+        model.set_inference_teacher(None)
 
 
 def to_device(images: torch.Tensor, config: dict[str, Any], device: torch.device) -> torch.Tensor:
-    """A batch of images on ``device`` in the layout of :func:`prepare_model`.
+    """A batch of images on ``device`` in the layout ``train.channels_last`` asks for.
 
     The copy is asynchronous from pinned memory (``make_loader`` pins on CUDA).
     """

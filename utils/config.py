@@ -126,17 +126,16 @@ SCHEMA: dict[str, Key] = {
                               "finished with the same config; false retrains from scratch", scope="run"),
     "train.device": Key(str, "`auto` picks CUDA when present", choices=("auto", "cpu", "cuda"), scope="run"),
     "train.amp": Key(bool, "bfloat16 autocast on CUDA (ignored on CPU)"),
-    # Speed only: the same model up to float rounding (measured: README, "Speed"). float16 and
-    # channels_last change the rounding, so they are training settings; the budget only moves
-    # which images stream, which a finished run does not depend on.
+    # Speed only. float16 and channels_last change what is computed, so they are training
+    # settings; the budget only moves which images stream, which a finished run does not depend on.
     "train.feature_cache": Key(str, "teacher features of the training images computed once per run and kept in memory: "
                                     "`float32` (bit-identical to recomputing them), `float16` (half the memory, features "
                                     "rounded) or `off` (the teacher runs in every step)", choices=CACHE_CHOICES),
     "train.cache_budget_mb": Key(int, "memory the teacher-feature cache may take, in MiB (on the training device); "
                                       "images past it are streamed through the teacher in every step",
                                  _non_negative, ">= 0", scope="run"),
-    "train.channels_last": Key(bool, "channels-last memory layout for images and features (faster convolutions on "
-                                      "CPU and GPU; float rounding only)"),
+    "train.channels_last": Key(bool, "channels-last memory layout for images and features: faster convolutions, "
+                                      "but on CPU a MobileNetV2 student's gradients change beyond float rounding"),
     "train.parallel": Key(str, "under torchrun: `categories` (each process trains whole categories of a sweep) or "
                                "`data` (the processes share each batch of one category, gradients averaged)",
                           choices=("categories", "data"), scope="run"),

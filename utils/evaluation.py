@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from models import MemKD
 from models.anomaly_map import MapSettings, image_scores
-from utils.acceleration import folded_student, prepare_model, to_device
+from utils.acceleration import folded_for_inference, to_device
 from utils.checkpoint import check_fits, load_checkpoint, load_student
 from utils.config import keys_in_scope
 from utils.device import autocast, make_loader
@@ -35,7 +35,7 @@ def anomaly_maps(model: MemKD, dataset: Dataset, config: dict[str, Any], device:
     """Anomaly maps [N, H, W] (CPU) for a dataset, computed in batches, with masks and labels."""
     model.eval()
     maps, masks, labels, has_mask = [], [], [], []
-    with autocast(config, device), folded_student(model):
+    with autocast(config, device), folded_for_inference(model, config):
         for batch in tqdm(make_loader(dataset, config["eval.batch_size"], config, device), desc=desc, leave=False, disable=None):
             maps.append(model.anomaly_map(to_device(batch["image"], config, device)).float().cpu())
             masks.append(batch["mask"][:, 0])
@@ -66,7 +66,6 @@ def evaluate_checkpoint(model: MemKD, method: str, splits: Any, config: dict[str
     best = load_checkpoint(best_path)
     check_fits(best, best_path, method, config, model.teacher_fingerprint, data_digest)
     load_student(model, best, best_path)
-    prepare_model(model, config, device)  # as training left it; phase=test trains nothing
     model.map_settings = MapSettings.from_config(config)
     started = time.perf_counter()
     metrics, test = evaluate(model, splits, config, device)

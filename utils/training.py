@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from datasets import AnomalyDataset
 from models import MemKD
-from utils.acceleration import prepare_model, to_device
+from utils.acceleration import to_device, tune_for
 from utils.checkpoint import check_fits, load_checkpoint, load_student, save_checkpoint
 from utils.device import autocast, make_loader
 from utils.distributed import ShardedBatches, World, all_finite, average_gradients, broadcast_buffers
@@ -161,7 +161,7 @@ def train(model: MemKD, method: str, splits: Any, config: dict[str, Any], run_di
     anything is saved, so ``last.pt`` and ``best.pt`` always hold a finite model.
     """
     seed, epochs = config["train.seed"], config["train.epochs"]
-    prepare_model(model, config, device)
+    tune_for(device)
     exemplars = choose_exemplars(len(splits.train), config["memory.exemplars"], seed) if model.has_memory else []
     exemplar_names = exemplar_files(splits.train, exemplars, config["data.root"])
     if exemplars:
