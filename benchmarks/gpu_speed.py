@@ -7,7 +7,8 @@ bfloat16 autocast, printed with the GPU's name. One prepared run for a machine w
 Each row times ``--steps`` training steps of the engine's code path (teacher features from the
 cache, ``model.loss``, backward, step, the loss read back) and ``--steps`` evaluation batches
 (anomaly maps on the device, copied to the CPU), after warm-up steps that also let cuDNN pick its
-kernels, with channels_last on. ``--compile`` adds rows with the student under ``torch.compile``
+kernels. Trailing ``key=value`` arguments go to every row (``train.channels_last=true`` for
+cuDNN's channels-last kernels). ``--compile`` adds rows with the student under ``torch.compile``
 (the compilation happens during warm-up and is reported separately). Teachers are random: speed
 does not depend on weights. ``--device cpu`` runs the same code on the CPU as a quick check of the
 script (float32 only: the engine's bfloat16 autocast is for CUDA), with tiny defaults advised:
@@ -48,10 +49,12 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--compile", action="store_true", help="also time the student under torch.compile")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("overrides", nargs="*", help="key=value for every row, e.g. train.channels_last=true")
     args = parser.parse_args(argv)
     device = select_device(args.device)
     print(f"{describe_device(device)}; torch {torch.__version__}; {args.size} px, train batch {args.batch}, "
-          f"eval batch {args.eval_batch}, {args.steps} timed steps; channels_last, teacher-feature cache float32")
+          f"eval batch {args.eval_batch}, {args.steps} timed steps; teacher-feature cache float32, "
+          f"overrides: {' '.join(args.overrides) or 'none'}")
     precisions = (False, True) if device.type == "cuda" else (False,)
     compiled = (False, True) if args.compile else (False,)
     print(f"{'backbone':<17}{'variant':<22}{'precision':<10}{'compile':<13}{'train img/s':>12}{'eval img/s':>12}"
@@ -63,7 +66,7 @@ def main(argv: list[str]) -> None:
                 for amp in precisions:
                     for compile_student in compiled:
                         config = speed_config(method, backbone, memory, fast=True,
-                                              extra=[f"train.amp={str(amp).lower()}"])
+                                              extra=[f"train.amp={str(amp).lower()}", *args.overrides])
                         if device.type == "cuda":
                             torch.cuda.empty_cache()
                             torch.cuda.reset_peak_memory_stats(device)

@@ -1,0 +1,76 @@
+"""The speed benchmarks run end to end on tiny inputs and print every row they promise; the
+side-by-side harness links the subset it says it does (anomalib itself is never installed here)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures import make_mvtec_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.peer_speed import make_subset  # noqa: E402
+
+TINY = ["--backbone", "resnet18", "--size", "64", "--batch", "2", "--steps", "1"]
+
+
+def run(script: str, *args: str) -> str:
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_train_speed_prints_every_variant_with_its_ratios():
+    out = run("train_speed.py", *TINY, "--rounds", "1", "--methods", "st,rd", "--threads", "1", "--clock", "cpu")
+    for method in ("STPM", "MemKD-ST", "RD4AD", "MemKD-RD"):
+        for path in ("speed path", "before"):
+            row = next(line for line in out.splitlines() if line.startswith(f"{method}, {path}"))
+            figures = [float(x) for x in row.split()[-5:]]
+            assert all(f > 0 for f in figures), row
+    _, cost, speed_up, _, maps_speed_up = next(line for line in out.splitlines() if line.startswith("STPM, before")).split()[-5:]
+    assert (cost, speed_up, maps_speed_up) == ("1.00", "1.00", "1.00")  # the reference of its own ratios
+
+
+def test_gpu_speed_runs_on_the_cpu_as_a_check_of_the_script():
+    out = run("gpu_speed.py", "--device", "cpu", "--backbones", "resnet18", "--size", "64", "--batch", "2",
+              "--eval-batch", "2", "--steps", "1")
+    rows = [line for line in out.splitlines() if line.startswith("resnet18")]
+    assert [row.split()[1] for row in rows] == ["STPM", "MemKD-ST", "RD4AD", "MemKD-RD"]
+    assert all(row.split()[2] == "fp32" for row in rows)  # bfloat16 rows are for CUDA only
+
+
+def test_profile_names_where_the_step_and_the_memory_spend_their_time():
+    out = run("profile_step.py", *TINY, "--methods", "st")
+    assert "MemKD-ST training step: " in out and "convolution" in out
+    assert "one teacher forward pass (what the cache saves per step)" in out
+    assert out.count("  memory on ") == 2  # ST has memories after student stages 1 and 2
+    assert "exemplar rebuild + L_NM" in out
+
+
+def test_the_side_by_side_subset_keeps_every_test_folder_and_its_masks(tmp_path):
+    source = make_mvtec_folder(tmp_path / "src", "widget", n_train=10, n_good_test=4, n_defect=6) / "widget"
+    target = tmp_path / "subset" / "widget"
+    n_train, n_test = make_subset(source, target, train_images=4, test_images=5)
+    assert n_train == len(list((target / "train" / "good").iterdir())) == 4
+    folders = sorted(p.name for p in (target / "test").iterdir())
+    assert folders == sorted(p.name for p in (source / "test").iterdir())  # every defect type kept
+    assert n_test == sum(len(list((target / "test" / f).iterdir())) for f in folders)
+    for folder in folders:
+        if folder != "good":
+            for image in (target / "test" / folder).iterdir():
+                assert (target / "ground_truth" / folder / f"{image.stem}_mask.png").is_file()
+    again = make_subset(source, tmp_path / "again" / "widget", train_images=4, test_images=5)
+    assert again == (n_train, n_test)  # seeded: the same subset every time
+    assert sorted(p.name for p in (tmp_path / "again" / "widget" / "train" / "good").iterdir()) == \
+        sorted(p.name for p in (target / "train" / "good").iterdir())
+
+
+@pytest.mark.parametrize("count", [0, 100])
+def test_zero_or_more_than_there_are_keeps_the_split_whole(tmp_path, count):
+    source = make_mvtec_folder(tmp_path / "src", "widget", n_train=6, n_good_test=2, n_defect=2) / "widget"
+    n_train, n_test = make_subset(source, tmp_path / "subset" / "widget", train_images=count, test_images=count)
+    assert (n_train, n_test) == (6, 4)
