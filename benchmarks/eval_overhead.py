@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from datasets.images import normalise  # noqa: E402
 from models import build_model  # noqa: E402
 from models.anomaly_map import gaussian_blur, image_scores  # noqa: E402
+from utils.acceleration import folded_for_inference  # noqa: E402
 from utils.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.device import select_device  # noqa: E402
@@ -86,8 +87,9 @@ def model_seconds(method: str, backbone: str, device_name: str, images: int, bat
     if device.type == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()
-    for start in range(0, images, batch):
-        model.anomaly_map(inputs[: min(batch, images - start)]).float().cpu()
+    with folded_for_inference(model, config):  # as utils/evaluation.py scores, folding included
+        for start in range(0, images, batch):
+            model.anomaly_map(inputs[: min(batch, images - start)]).float().cpu()
     return time.perf_counter() - started, str(device)
 
 
@@ -141,7 +143,7 @@ def main() -> None:
     print(f"evaluation of {args.test_images} test + {args.val_images} validation images at {size} px: "
           f"{args.method.upper()} {args.backbone}, {device}, {torch.get_num_threads()} CPU threads")
     stages = [("model: anomaly maps", forward), ("metrics: evaluate_all + normal threshold", metrics_time),
-              ("thresholds into best.pt", rewrite), (f"pictures: examples ({args.rows} rows) + roc", warm_draw)]
+              ("thresholds into evaluation.json", rewrite), (f"pictures: examples ({args.rows} rows) + roc", warm_draw)]
     for name, seconds in stages:
         print(f"  {name:<42} {seconds:7.2f} s  {100 * seconds / total:5.1f} %")
     print(f"  {'total':<42} {total:7.2f} s")
