@@ -129,8 +129,9 @@ SCHEMA: dict[str, Key] = {
     # Speed only. float16 and channels_last change what is computed, so they are training
     # settings; the budget only moves which images stream, which a finished run does not depend on.
     "train.feature_cache": Key(str, "teacher features of the training images computed once per run and kept in memory: "
-                                    "`float32` (bit-identical to recomputing them), `float16` (half the memory, features "
-                                    "rounded) or `off` (the teacher runs in every step)", choices=CACHE_CHOICES),
+                                    "`float32` (bit-identical to recomputing them for full batches; a smaller last batch "
+                                    "rounds differently), `float16` (half the memory, features rounded) or `off` (the teacher "
+                                    "runs in every step)", choices=CACHE_CHOICES),
     "train.cache_budget_mb": Key(int, "memory the teacher-feature cache may take, in MiB (on the training device); "
                                       "images past it are streamed through the teacher in every step",
                                  _non_negative, ">= 0", scope="run"),
