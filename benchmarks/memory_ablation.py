@@ -42,7 +42,7 @@ def ablation(options: argparse.Namespace) -> list[dict]:
     # Seeds outermost: an interrupted ablation already holds complete seeds, each with both sides.
     cells = [Cell(dataset, student, variant, seed) for seed in seeds for dataset in datasets
              for student in students for variant in (MEMORY_OFF, MEMORY_ON)]
-    done = run_cells(cells, options.out, common)
+    done = run_cells(cells, options.out, common, options.jobs)
     rows = [row for dataset in datasets for student in students
             for row in compare(done, dataset, student, MEMORY_OFF, MEMORY_ON, seeds)]
     title = "Memory ablation: memory on - off, paired by seed"

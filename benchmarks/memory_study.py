@@ -2,7 +2,7 @@
 
     python benchmarks/memory_study.py --datasets magnetic_tile --seeds 0,1,2 --students st,rd --epochs 8
     python benchmarks/memory_study.py --settings memory.temperature,loss.lambda2 --seeds 0,1,2 --epochs 8
-    python benchmarks/memory_study.py --datasets magnetic_tile train.device=cuda data.image_size=256  # paper scale
+    python benchmarks/memory_study.py --datasets magnetic_tile --jobs 8 train.device=cuda data.image_size=256  # paper scale, 8 runs at once
 
 For each dataset x student x seed it trains MemKD with the default config and, for each setting in
 ``--settings``, once per neighbouring value (the others left at their defaults), each a normal run
@@ -127,7 +127,7 @@ def study(options: argparse.Namespace) -> list[dict]:
     # Seeds outermost: an interrupted study already holds complete seeds of every variant.
     cells = [Cell(dataset, student, variant, seed) for seed in seeds for dataset in datasets for student in students
              for variant in (DEFAULT, *variants[(dataset.name, student)])]
-    done = run_cells(cells, options.out, common)
+    done = run_cells(cells, options.out, common, options.jobs)
     rows = [row for dataset in datasets for student in students for variant in variants[(dataset.name, student)]
             for row in compare(done, dataset, student, DEFAULT, variant, seeds)]
     title = "Memory settings, one at a time: variant - default, paired by seed"

@@ -23,11 +23,13 @@ import csv
 import io
 import json
 import math
+import os
 import re
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -198,9 +200,22 @@ class CellResult:
     trained: bool
 
 
-def launch(student: str, args: Sequence[str]) -> int:
-    """Train one run as ``python trainRM_<student>.py args`` in a process of its own; its exit code."""
-    return subprocess.run([sys.executable, str(SCRIPTS[student]), *args], check=False).returncode
+def launch(student: str, args: Sequence[str], log: Path | None = None, threads: int | None = None) -> int:
+    """Train one run as ``python trainRM_<student>.py args`` in a process of its own; its exit code.
+
+    With ``log`` the run's output goes to that file (created with its folder) instead of the
+    terminal; with ``threads`` the process gets ``OMP_NUM_THREADS=threads`` (torch's CPU thread
+    count) unless the caller's environment already sets it.
+    """
+    env = dict(os.environ)
+    if threads is not None:
+        env.setdefault("OMP_NUM_THREADS", str(threads))
+    command = [sys.executable, str(SCRIPTS[student]), *args]
+    if log is None:
+        return subprocess.run(command, check=False, env=env).returncode
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as stream:
+        return subprocess.run(command, check=False, env=env, stdout=stream, stderr=subprocess.STDOUT).returncode
 
 
 def _categories(config: Mapping[str, Any]) -> list[str]:
@@ -257,16 +272,21 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def run_cells(cells: Sequence[Cell], out: Path, common: Sequence[str]) -> dict[Cell, CellResult]:
-    """Train every cell that has not finished with its config, in order; return all cells' results.
+def run_cells(cells: Sequence[Cell], out: Path, common: Sequence[str], jobs: int = 1) -> dict[Cell, CellResult]:
+    """Train every cell that has not finished with its config; return all cells' results.
 
     Every cell's config is resolved first, and every run folder checked, so a bad key or value,
-    or a folder holding a run with other settings, stops the study before any training. A run
-    that fails (the script prints its own error) stops the study with a UserError; the runs
-    finished before it are kept and reused on the next invocation.
+    or a folder holding a run with other settings, stops the study before any training. With
+    ``jobs`` 1 the runs go one after another, their output on the terminal; with more, up to
+    ``jobs`` run at once (cells are independent runs), each writing its output to ``train.log``
+    in its folder and getting an equal share of the CPU threads. A run that fails stops the
+    study with a UserError once the runs already started have ended; every finished run is
+    kept and reused on the next invocation.
     """
     from utils.config import load_config
 
+    if jobs < 1:
+        raise UserError(f"--jobs must be at least 1, not {jobs}")
     plans = []
     for cell in cells:
         config = load_config(cell.student, cell.arguments(out, common))
@@ -277,23 +297,64 @@ def run_cells(cells: Sequence[Cell], out: Path, common: Sequence[str]) -> dict[C
             raise UserError(f"{conflict}; a study with other shared settings (--epochs, overrides) needs "
                             "another --out")
         plans.append((cell, config, categories, finished))
+    pending = [(i, cell) for i, (cell, _, _, results) in enumerate(plans, start=1) if results is None]
+    for i, (cell, _, _, results) in enumerate(plans, start=1):
+        if results is not None:
+            print(f"[{i}/{len(plans)}] {cell.describe()}: finished earlier, reused", flush=True)
+    if jobs == 1:
+        for i, cell in pending:
+            print(f"[{i}/{len(plans)}] {cell.describe()}: training", flush=True)
+            _check_exit(cell, launch(cell.student, cell.arguments(out, common)), None)
+    else:
+        _train_at_once(pending, len(plans), out, common, jobs)
     done: dict[Cell, CellResult] = {}
-    for i, (cell, config, categories, results) in enumerate(plans, start=1):
+    for cell, config, categories, results in plans:
         trained = results is None
         if trained:
-            print(f"[{i}/{len(plans)}] {cell.describe()}: training", flush=True)
-            code = launch(cell.student, cell.arguments(out, common))
-            if code != 0:
-                raise UserError(f"the run {cell.describe()} failed with exit code {code} (its error is above); "
-                                "fix the cause and rerun the same command: finished runs are kept")
             results = _finished(cell.student, config, categories)
             if results is None:
                 raise UserError(f"the run {cell.describe()} ended without results.json in {cell.output_dir(out)}; "
                                 "rerun the same command")
-        else:
-            print(f"[{i}/{len(plans)}] {cell.describe()}: finished earlier, reused", flush=True)
         done[cell] = CellResult(results, category_mean(results), trained)
     return done
+
+
+def _check_exit(cell: Cell, code: int, log: Path | None) -> None:
+    """A UserError naming the failed run (and where its output is) unless ``code`` is 0."""
+    if code != 0:
+        where = f"its output is in {log}" if log is not None else "its error is above"
+        raise UserError(f"the run {cell.describe()} failed with exit code {code} ({where}); "
+                        "fix the cause and rerun the same command: finished runs are kept")
+
+
+def _train_at_once(pending: Sequence[tuple[int, Cell]], total: int, out: Path, common: Sequence[str],
+                   jobs: int) -> None:
+    """Train ``pending`` cells, up to ``jobs`` at a time; after a failure start no more, let the
+    started ones end, then raise the first failure's UserError."""
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    queue = list(pending)
+    running: dict[Future, tuple[int, Cell, Path]] = {}
+    failure: tuple[Cell, int, Path] | None = None
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        while queue or running:
+            while queue and failure is None and len(running) < jobs:
+                i, cell = queue.pop(0)
+                log = cell.output_dir(out) / "train.log"
+                print(f"[{i}/{total}] {cell.describe()}: training (output in {log})", flush=True)
+                future = pool.submit(launch, cell.student, cell.arguments(out, common), log=log, threads=threads)
+                running[future] = (i, cell, log)
+            if not running:
+                break
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                i, cell, log = running.pop(future)
+                code = future.result()
+                print(f"[{i}/{total}] {cell.describe()}: {'done' if code == 0 else f'failed (exit code {code})'}",
+                      flush=True)
+                if code != 0 and failure is None:
+                    failure = (cell, code, log)
+    if failure is not None:
+        _check_exit(*failure)
 
 
 # --------------------------------------------------------------------------- statistics
@@ -485,6 +546,9 @@ def add_common_options(parser: Any, default_datasets: str) -> None:
     parser.add_argument("--epochs", type=int, default=None, help="train.epochs of every run (default: recipe)")
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/memory"),
                         help="folder of the runs and tables; the same --out resumes (default results/benchmarks/memory)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs trained at once, each with its output in its folder's train.log and an equal "
+                             "share of the CPU threads (default 1: one after another, output on the terminal)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     parser.add_argument("overrides", nargs="*", help="script arguments for every run: override.yaml, section.key=value")
 

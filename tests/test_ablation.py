@@ -217,3 +217,73 @@ def test_a_failing_run_stops_the_study_with_its_exit_code(tmp_path, monkeypatch,
                                  "--epochs", "1", "--out", str(tmp_path / "out"), *TINY])
     assert code == 2
     assert "widget RD memory off, seed 0 failed with exit code 2" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- several runs at once
+
+
+def test_jobs_two_trains_two_runs_at_once_and_the_tables_match_one_at_a_time(tmp_path, monkeypatch):
+    import threading
+
+    from utils.cli import main as script_main
+
+    root = make_mvtec_folder(tmp_path / "data")
+    both_started = threading.Barrier(2, timeout=60)  # broken (an error) unless two runs are launched together
+    one_training = threading.Lock()  # the scripts share torch's global state in-process: train one at a time
+    logs = []
+
+    def in_process(student, args, log=None, threads=None):
+        logs.append((log, threads))
+        both_started.wait()
+        with one_training:
+            return script_main(student, args)
+
+    monkeypatch.setattr(paired, "launch", in_process)
+    argv = ["--data-root", str(root), "--category", "widget", "--seeds", "0", "--students", "st", "--epochs", "1", *TINY]
+    assert memory_ablation.main([*argv, "--jobs", "2", "--out", str(tmp_path / "parallel")]) == 0
+    assert len(logs) == 2 and all(threads >= 1 for _, threads in logs)
+    assert sorted(str(log.relative_to(tmp_path / "parallel")) for log, _ in logs) == [
+        "runs/widget/st/default/seed0/train.log", "runs/widget/st/memory.enabled=false/seed0/train.log"]
+
+    monkeypatch.setattr(paired, "launch", lambda student, args: script_main(student, args))
+    assert memory_ablation.main([*argv, "--out", str(tmp_path / "serial")]) == 0
+    assert ((tmp_path / "parallel" / "ablation.csv").read_text()
+            == (tmp_path / "serial" / "ablation.csv").read_text())  # the same runs, so the same table
+
+
+def test_with_jobs_a_failure_starts_no_more_runs_and_names_the_log(tmp_path, monkeypatch, capsys):
+    launched = []
+
+    def failing(student, args, log=None, threads=None):
+        launched.append(args)
+        return 3
+
+    monkeypatch.setattr(paired, "launch", failing)
+    root = make_mvtec_folder(tmp_path / "data")
+    code = memory_ablation.main(["--data-root", str(root), "--category", "widget", "--seeds", "0,1", "--students",
+                                 "st", "--epochs", "1", "--jobs", "2", "--out", str(tmp_path / "out"), *TINY])
+    assert code == 2
+    assert len(launched) == 2  # four cells; the two started together failed, the other two never started
+    error = capsys.readouterr().err
+    assert "failed with exit code 3" in error and "train.log" in error
+
+
+def test_jobs_below_one_is_a_user_error(tmp_path, capsys):
+    root = make_mvtec_folder(tmp_path / "data")
+    code = memory_ablation.main(["--data-root", str(root), "--category", "widget", "--seeds", "0", "--students", "st",
+                                 "--jobs", "0", "--out", str(tmp_path / "out"), *TINY])
+    assert code == 2 and "--jobs must be at least 1, not 0" in capsys.readouterr().err
+
+
+def test_launch_writes_the_runs_output_to_its_log_and_sets_the_thread_count(tmp_path, monkeypatch):
+    script = tmp_path / "fake_train.py"
+    script.write_text("import os, sys\nprint('threads', os.environ.get('OMP_NUM_THREADS'), 'args', *sys.argv[1:])\n"
+                      "print('oops', file=sys.stderr)\nsys.exit(5)\n")
+    monkeypatch.setitem(paired.SCRIPTS, "st", script)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    log = tmp_path / "new" / "folder" / "train.log"
+    assert paired.launch("st", ["a=1"], log=log, threads=3) == 5
+    assert log.read_text().splitlines() == ["threads 3 args a=1", "oops"]
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")  # the caller's own setting wins
+    assert paired.launch("st", [], log=log, threads=3) == 5
+    assert log.read_text().startswith("threads 7 args")
