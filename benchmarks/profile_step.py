@@ -11,7 +11,9 @@ memory read and the losses, layout copies and the optimiser. Also times, outside
 and by this process's CPU time (one thread by default, so other jobs on the machine barely move
 it), what the teacher-feature cache saves per step: one teacher forward pass; and, per memory,
 what each part of its work costs in a step (the read, the fusion, the exemplar rebuild, the
-logged entropies).
+logged entropies). Finally counts the operators one training step runs, memory off and on
+(views excluded): on a GPU each is at least one kernel launch, so where a step is small enough to
+be launch-bound, step time follows this count rather than the arithmetic.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
@@ -66,6 +69,27 @@ def shares(step, repeats: int) -> dict[str, float]:
             totals[group_of(event.key)] += event.self_cpu_time_total
     whole = sum(totals.values())
     return {group: value / whole for group, value in sorted(totals.items(), key=lambda kv: -kv[1])}
+
+
+class _OperatorCount(TorchDispatchMode):
+    """Counts the ATen operators that reach a backend kernel, views and aliases excluded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not (getattr(func, "is_view", False) or func.overloadpacket in (torch.ops.aten.detach, torch.ops.aten.alias)):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def operators_per_step(step) -> int:
+    """How many computing operators (forward, backward and optimiser) one call of ``step`` runs."""
+    step()
+    with _OperatorCount() as counter:
+        step()
+    return counter.count
 
 
 def _median_time(step, clock, repeats: int = 5) -> float:
@@ -151,6 +175,10 @@ def main(argv: list[str]) -> None:
               f"the cached step itself: {step:.2f} s ({'CPU' if args.threads == 1 else 'wall'} time)")
         model.train()
         print("\n".join(memory_pieces(model, images, config["memory.exemplars"], clock)))
+        off = speed_config(method, args.backbone, memory=False, fast=True)
+        counts = [operators_per_step(step_functions(c, method, args.batch, args.size, device)[0]) for c in (off, config)]
+        print(f"  operators per training step (views excluded): {method_name(method, False)} {counts[0]}, "
+              f"{method_name(method, True)} {counts[1]} ({counts[1] / counts[0]:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
 """The speed benchmarks run end to end on tiny inputs and print every row they promise; the
 side-by-side harness links the subset it says it does (anomalib itself is never installed here)."""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.fixtures import make_mvtec_folder
 
@@ -49,6 +51,24 @@ def test_profile_names_where_the_step_and_the_memory_spend_their_time():
     assert "one teacher forward pass (what the cache saves per step)" in out
     assert out.count("  memory on ") == 2  # ST has memories after student stages 1 and 2
     assert "exemplar rebuild + L_NM" in out
+    counts = re.search(r"views excluded\): STPM (\d+), MemKD-ST (\d+)", out)
+    assert counts and int(counts[2]) > int(counts[1]) > 0  # the memories add operators to the step
+
+
+def test_the_operator_count_sees_forward_backward_and_optimiser_but_not_views():
+    from benchmarks.profile_step import operators_per_step
+
+    weight = torch.ones(3, requires_grad=True)
+    optimiser = torch.optim.SGD([weight], lr=0.1, foreach=False)
+
+    def step():
+        optimiser.zero_grad()
+        (weight.view(3, 1).t() * 2).sum().backward()  # view and t are not counted
+        optimiser.step()
+
+    plain = operators_per_step(lambda: (weight * 2).sum())
+    assert plain == 2  # mul, sum
+    assert operators_per_step(step) > plain + 2  # the backward pass and the optimiser update run operators too
 
 
 def test_the_side_by_side_subset_keeps_every_test_folder_and_its_masks(tmp_path):
