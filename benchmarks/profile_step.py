@@ -176,7 +176,8 @@ def main(argv: list[str]) -> None:
         model.train()
         print("\n".join(memory_pieces(model, images, config["memory.exemplars"], clock)))
         off = speed_config(method, args.backbone, memory=False, fast=True)
-        counts = [operators_per_step(step_functions(c, method, args.batch, args.size, device)[0]) for c in (off, config)]
+        counts = [operators_per_step(step_functions(off, method, args.batch, args.size, device)[0]),
+                  operators_per_step(train_step)]
         print(f"  operators per training step (views excluded): {method_name(method, False)} {counts[0]}, "
               f"{method_name(method, True)} {counts[1]} ({counts[1] / counts[0]:.2f}x)")
 
