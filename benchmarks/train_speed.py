@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from models import build_model, method_name  # noqa: E402
-from utils.acceleration import inference_copy, memory_format, to_device, tune_for  # noqa: E402
+from utils.acceleration import inference_copy, memory_format, scoring_through, to_device, tune_for  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.device import autocast, select_device  # noqa: E402
 from utils.feature_cache import TeacherFeatureCache  # noqa: E402
@@ -97,7 +97,7 @@ def step_functions(config: dict[str, Any], method: str, batch: int, size: int, d
         loss.item()  # the engine reads every loss: a synchronisation point on CUDA
 
     # As utils/evaluation.py scores on the speed path: through folded copies of teacher and student
-    # (folded_for_inference), made once per evaluated dataset there, so once here.
+    # (folded_for_inference), made once per evaluated dataset there, so once here and reused.
     layout = memory_format(config)
     scoring_student = inference_copy(model.student, layout) if fast else model.student
     scoring_teacher = inference_copy(model.teacher, layout) if fast else None
@@ -105,14 +105,8 @@ def step_functions(config: dict[str, Any], method: str, batch: int, size: int, d
     @torch.no_grad()
     def map_step() -> None:
         model.eval()
-        trained, model.student = model.student, scoring_student
-        model.set_inference_teacher(scoring_teacher)
-        try:
-            with autocast(config, device):
-                model.anomaly_map(images).float().cpu()
-        finally:
-            model.student = trained
-            model.set_inference_teacher(None)
+        with autocast(config, device), scoring_through(model, scoring_student, scoring_teacher):
+            model.anomaly_map(images).float().cpu()
 
     return train_step, map_step
 

@@ -92,9 +92,19 @@ def folded_for_inference(model: MemKD, config: dict[str, Any]) -> Iterator[MemKD
     the library's network. Scoring runs folded, which moves maps by float rounding only (measured:
     README, "Speed").
     """
+    layout = memory_format(config)
+    with scoring_through(model, inference_copy(model.student, layout), inference_copy(model.teacher, layout)):
+        yield model
+
+
+@contextlib.contextmanager
+def scoring_through(model: MemKD, student: nn.Module, teacher: nn.Module | None) -> Iterator[MemKD]:
+    """Within the block, ``model`` runs ``student`` in place of its own and computes teacher
+    features with ``teacher`` (None: the teacher itself); both are restored afterwards. For
+    copies made once and used in many blocks (:func:`folded_for_inference` makes its own)."""
     trained = model.student
-    model.student = inference_copy(trained, memory_format(config))
-    model.set_inference_teacher(inference_copy(model.teacher, memory_format(config)))
+    model.student = student
+    model.set_inference_teacher(teacher)
     try:
         yield model
     finally:
