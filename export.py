@@ -155,12 +155,12 @@ def export(options: dict[str, Any]) -> tuple[Path, Path]:
     import torch
 
     from datasets.images import IMAGENET_MEAN, IMAGENET_STD
-    from models import method_name
+    from models.registry import method_name
     from predict import load_run
-    from utils.checkpoint import load_checkpoint
+    from engine.checkpoint import load_checkpoint
     from utils.errors import UserError
     from utils.io import write_json
-    from utils.onnx_backend import (EXPORT_ID_KEY, JSON_FORMAT, JSON_FORMAT_VERSION, OUTPUT_NAMES, OnnxScorer,
+    from engine.onnx_backend import (EXPORT_ID_KEY, JSON_FORMAT, JSON_FORMAT_VERSION, OUTPUT_NAMES, OnnxScorer,
                                     sidecar_path)
 
     checkpoint = Path(options["checkpoint"]).expanduser()

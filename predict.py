@@ -5,7 +5,7 @@
 
 The run is rebuilt from its checkpoint alone: method and resolved config come from it, the teacher
 is resolved as in training and checked against the checkpoint's fingerprint, and the thresholds
-stored after evaluation decide (see utils/thresholds.py). A folder is searched recursively; outputs
+stored after evaluation decide (see engine/thresholds.py). A folder is searched recursively; outputs
 mirror its sub-folders and keep each image's original size and aspect ratio.
 """
 from __future__ import annotations
@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 if TYPE_CHECKING:
     import torch
 
-    from models import MemKD
-    from utils.onnx_backend import OnnxScorer
+    from models.memkd import MemKD
+    from engine.onnx_backend import OnnxScorer
 
 # Everything heavy (torch, the models) is imported inside the functions, so that --help and
 # argument errors answer at once, as the training scripts do.
@@ -292,12 +292,12 @@ def load_run(checkpoint: Path, overrides: Sequence[str]
     UserError when the checkpoint is missing, unreadable, damaged, never evaluated, or does not
     fit the teacher this machine resolves (e.g. other ImageNet weights).
     """
-    from models import build_model
-    from utils.checkpoint import check_fits, load_checkpoint, load_student
-    from utils.config import METHODS, SCHEMA, load_config, validate
+    from models.build import build_model
+    from engine.checkpoint import check_fits, load_checkpoint, load_student
+    from engine.config import METHODS, SCHEMA, load_config, validate
     from utils.device import select_device
     from utils.errors import UserError
-    from utils.thresholds import read_evaluation
+    from engine.thresholds import read_evaluation
 
     state = load_checkpoint(checkpoint)
     method = state.get("method")
@@ -327,9 +327,9 @@ def load_onnx_run(model_path: Path, overrides: Sequence[str]
     """
     import torch
 
-    from utils.config import METHODS, load_config
+    from engine.config import METHODS, load_config
     from utils.errors import UserError
-    from utils.onnx_backend import OnnxScorer
+    from engine.onnx_backend import OnnxScorer
 
     scorer = OnnxScorer(model_path)
     if scorer.method not in METHODS:
@@ -357,12 +357,12 @@ def predict(options: dict[str, str], overrides: Sequence[str]) -> Path:
     """
     import torch
 
-    from datasets import image_to_tensor, load_rgb
+    from datasets.images import image_to_tensor, load_rgb
     from models.anomaly_map import image_scores
     from utils.errors import UserError
     from utils.io import write_text
-    from utils.thresholds import image_threshold, mask_threshold
-    from utils.visualize import overlay_and_mask
+    from engine.thresholds import image_threshold, mask_threshold
+    from engine.visualize import overlay_and_mask
 
     # With backend=onnx the exported graph stands where the checkpoint would: default output, messages.
     checkpoint = Path(options["model" if options["backend"] == "onnx" else "checkpoint"]).expanduser()

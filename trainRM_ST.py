@@ -5,7 +5,7 @@ memory.enabled=false gives the plain STPM baseline. See README.md for every key.
 """
 import sys
 
-from utils.cli import main
+from engine.cli import main
 
 if __name__ == "__main__":
     sys.exit(main("st", sys.argv[1:]))

@@ -1,6 +1,6 @@
 """Where evaluation time goes on an MVTec-sized category: the model, the metrics, the pictures.
 
-Times each stage of ``utils.engine.run_category``'s evaluation on a synthetic test set of MVTec AD's
+Times each stage of ``engine.run.run_category``'s evaluation on a synthetic test set of MVTec AD's
 size: 150 test images and 25 validation images of 256x256 (the model's forward passes), anomaly
 maps with 1-3 blob-shaped defects on 30 % of the images (the metrics), and photo-like pictures
 (smooth texture plus sensor noise, so PNG compression costs what it costs on real photographs).
@@ -26,15 +26,15 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from datasets.images import normalise  # noqa: E402
-from models import build_model  # noqa: E402
+from models.build import build_model  # noqa: E402
 from models.anomaly_map import gaussian_blur, image_scores  # noqa: E402
-from utils.acceleration import folded_for_inference  # noqa: E402
-from utils.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from utils.config import load_config  # noqa: E402
-from utils.device import select_device  # noqa: E402
+from models.folding import folded_for_inference  # noqa: E402
+from engine.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from engine.config import load_config  # noqa: E402
+from utils.device import memory_format, select_device  # noqa: E402
 from utils.metrics import evaluate_all, threshold_from_normal_scores  # noqa: E402
-from utils.thresholds import thresholds_from, write_evaluation  # noqa: E402
-from utils.visualize import save_pictures  # noqa: E402
+from engine.thresholds import thresholds_from, write_evaluation  # noqa: E402
+from engine.visualize import save_pictures  # noqa: E402
 
 
 def synthetic_test_set(n: int = 150, size: int = 256, anomalous: float = 0.3, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -87,7 +87,7 @@ def model_seconds(method: str, backbone: str, device_name: str, images: int, bat
     if device.type == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()
-    with folded_for_inference(model, config):  # as utils/evaluation.py scores, folding included
+    with folded_for_inference(model, memory_format(config)):  # as engine/evaluation.py scores, folding included
         for start in range(0, images, batch):
             model.anomaly_map(inputs[: min(batch, images - start)]).float().cpu()
     return time.perf_counter() - started, str(device)

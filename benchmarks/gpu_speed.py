@@ -26,9 +26,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from benchmarks.train_speed import images_per_second, speed_config, step_functions, synchronize  # noqa: E402
-from models import method_name  # noqa: E402
+from models.registry import method_name  # noqa: E402
 from utils.device import select_device  # noqa: E402
-from utils.feature_cache import feature_bytes_per_image  # noqa: E402
+from engine.feature_cache import feature_bytes_per_image  # noqa: E402
 from models.feature_extractor import FeatureExtractor  # noqa: E402
 
 def describe_device(device: torch.device) -> str:

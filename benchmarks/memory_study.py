@@ -70,14 +70,14 @@ def chosen_settings(text: str | None, schema: Any) -> tuple[list[str], list[str]
     for by name that is unknown, or not a config key yet, is a UserError."""
     if text is None:
         keys = [k for k in SETTINGS if k in schema]
-        notes = [f"{k}: not a config key in this version (utils/config.py), left out" for k in SETTINGS if k not in schema]
+        notes = [f"{k}: not a config key in this version (engine/config.py), left out" for k in SETTINGS if k not in schema]
         return keys, notes
     keys = parse_names(text)
     for key in keys:
         if key not in SETTINGS:
             raise UserError(f"unknown setting '{key}' in --settings; choose from {', '.join(SETTINGS)}")
         if key not in schema:
-            raise UserError(f"--settings {key}: this version has no config key {key} (utils/config.py); "
+            raise UserError(f"--settings {key}: this version has no config key {key} (engine/config.py); "
                             "leave it out of --settings")
     if not keys:
         raise UserError(f"--settings is empty; choose from {', '.join(SETTINGS)}")
@@ -92,7 +92,7 @@ def plan(datasets: list[DatasetSpec], students: list[str], keys: list[str], out:
     default with itself, so it is left out; every variant's config is resolved here, so a value
     the config refuses stops the study before any training.
     """
-    from utils.config import load_config
+    from engine.config import load_config
 
     variants: dict[tuple[str, str], list[Variant]] = {}
     notes: list[str] = []
@@ -114,7 +114,7 @@ def plan(datasets: list[DatasetSpec], students: list[str], keys: list[str], out:
 
 def study(options: argparse.Namespace) -> list[dict]:
     """Train every missing cell, write study.{csv,md,png} into ``options.out``; return the rows."""
-    from utils.config import SCHEMA
+    from engine.config import SCHEMA
 
     started = time.perf_counter()
     seeds, students = parse_seeds(options.seeds), parse_students(options.students)

@@ -9,7 +9,7 @@ subprocess of trainRM_ST.py / trainRM_RD.py with its own ``output.dir``:
 The variant folder is named by the variant's overrides ("default" when there are none), so the
 ablation's memory-on runs are the study's default runs when both use the same ``--out``, and a
 run is never trained twice. A cell whose results.json already matches its config (the engine's
-own test, :func:`utils.engine.finished_results`, without re-reading the images: replacing a
+own test, :func:`engine.run.finished_results`, without re-reading the images: replacing a
 dataset's files under a finished study needs a new ``--out``) is reused without starting a
 process, so a killed study continues where it stopped when the same command is run again.
 
@@ -219,7 +219,7 @@ def launch(student: str, args: Sequence[str], log: Path | None = None, threads: 
 
 
 def _categories(config: Mapping[str, Any]) -> list[str]:
-    from datasets import list_categories
+    from datasets.build import list_categories
 
     if config["data.category"] == "all":
         return list_categories(config["data.dataset"], config["data.root"])
@@ -228,7 +228,7 @@ def _categories(config: Mapping[str, Any]) -> list[str]:
 
 def _finished(student: str, config: Mapping[str, Any], categories: Sequence[str]) -> list[dict[str, Any]] | None:
     """Every category's results when all of them finished with exactly this config, else None."""
-    from utils.engine import finished_results, run_directory
+    from engine.run import finished_results, run_directory
 
     found = [finished_results(run_directory(dict(config), student, c), dict(config)) for c in categories]
     return None if any(r is None for r in found) else found  # type: ignore[return-value]
@@ -240,8 +240,8 @@ def _conflict(student: str, config: Mapping[str, Any], categories: Sequence[str]
     A folder holding a run (finished, or interrupted with only last.pt) made with other training
     settings would make the engine refuse to resume, possibly hours into a study; this finds it first.
     """
-    from utils.checkpoint import config_differences, load_checkpoint
-    from utils.engine import run_directory
+    from engine.checkpoint import config_differences, load_checkpoint
+    from engine.run import run_directory
 
     for category in categories:
         run_dir = run_directory(dict(config), student, category)
@@ -283,7 +283,7 @@ def run_cells(cells: Sequence[Cell], out: Path, common: Sequence[str], jobs: int
     study with a UserError once the runs already started have ended; every finished run is
     kept and reused on the next invocation.
     """
-    from utils.config import load_config
+    from engine.config import load_config
 
     if jobs < 1:
         raise UserError(f"--jobs must be at least 1, not {jobs}")
@@ -513,7 +513,7 @@ def write_outputs(rows: Sequence[Mapping[str, Any]], out: Path, stem: str, title
                   context: Sequence[str]) -> tuple[str, list[Path]]:
     """Write ``{stem}.csv``, ``{stem}.md`` and ``{stem}.png`` into ``out``; return (markdown, paths)."""
     from utils.io import write_text
-    from utils.plots import save_paired_differences
+    from engine.plots import save_paired_differences
 
     markdown = format_markdown(rows, context)
     out = Path(out)

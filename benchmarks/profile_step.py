@@ -31,10 +31,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from benchmarks.train_speed import speed_config, step_functions  # noqa: E402
-from models import build_model, method_name  # noqa: E402
+from models.registry import method_name  # noqa: E402
+from models.build import build_model  # noqa: E402
 from models.losses import normality_embedding_loss  # noqa: E402
 from models.memory import normalised_entropy  # noqa: E402
-from utils.acceleration import to_device  # noqa: E402
+from utils.device import to_device  # noqa: E402
 
 # Operator name fragments -> group, first match wins; "autograd::" wrappers are bookkeeping.
 GROUPS = (

@@ -15,9 +15,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from utils.cli import run_categories  # noqa: E402
-from utils.config import load_config  # noqa: E402
-from utils.report import mean_row  # noqa: E402
+from engine.cli import run_categories  # noqa: E402
+from engine.config import load_config  # noqa: E402
+from engine.report import mean_row  # noqa: E402
 
 
 def main(argv: list[str]) -> None:

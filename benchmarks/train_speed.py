@@ -7,7 +7,7 @@ For ST and RD, times ``--steps`` optimiser steps of the engine's own code (the t
 cache's lookup, ``model.loss``, backward, step) and ``anomaly_map`` batches on random images,
 after three warm-up steps, for four variants: memory off and on, each on the engine's speed path
 (``train.feature_cache=float32``, batch norms folded for maps, ``train.channels_last`` as
-config.yaml has it unless given as a trailing ``key=value``: utils/acceleration.py) and on the code path before the speed work (none of it). Variants alternate within each of ``--rounds`` rounds and the table shows
+config.yaml has it unless given as a trailing ``key=value``: models/folding.py) and on the code path before the speed work (none of it). Variants alternate within each of ``--rounds`` rounds and the table shows
 medians over rounds: these machines are shared and noisy, so compare ratios measured in one run,
 not seconds across runs. ``--clock cpu`` (with ``--threads 1``) times by this process's CPU time
 instead of the wall clock: figures that other jobs on the machine barely move, since a single
@@ -29,12 +29,13 @@ from torch.utils.data import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from models import build_model, method_name  # noqa: E402
-from utils.acceleration import inference_copy, memory_format, scoring_through, to_device, tune_for  # noqa: E402
-from utils.config import load_config  # noqa: E402
-from utils.device import autocast, select_device  # noqa: E402
-from utils.feature_cache import TeacherFeatureCache  # noqa: E402
-from utils.training import build_optimizer  # noqa: E402
+from models.registry import method_name  # noqa: E402
+from models.build import build_model  # noqa: E402
+from models.folding import inference_copy, scoring_through  # noqa: E402
+from engine.config import load_config  # noqa: E402
+from utils.device import autocast, memory_format, select_device, to_device, tune_for  # noqa: E402
+from engine.feature_cache import TeacherFeatureCache  # noqa: E402
+from engine.training import build_optimizer  # noqa: E402
 
 
 class RandomImages(Dataset):
@@ -96,7 +97,7 @@ def step_functions(config: dict[str, Any], method: str, batch: int, size: int, d
         optimizer.step()
         loss.item()  # the engine reads every loss: a synchronisation point on CUDA
 
-    # As utils/evaluation.py scores on the speed path: through folded copies of teacher and student
+    # As engine/evaluation.py scores on the speed path: through folded copies of teacher and student
     # (folded_for_inference), made once per evaluated dataset there, so once here and reused.
     layout = memory_format(config)
     scoring_student = inference_copy(model.student, layout) if fast else model.student

@@ -20,8 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-COMBINE_MODES: tuple[str, ...] = ("product", "sum")
-
+from models.registry import COMBINE_MODES
 
 @dataclass(frozen=True)
 class MapSettings:

@@ -6,7 +6,6 @@ act between them (the ST student fuses recalled memory there). No network code i
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Mapping
 
 import torch
@@ -14,27 +13,9 @@ from torch import Tensor, nn
 from torchvision import models
 from torchvision.models._utils import IntermediateLayerGetter
 
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    """How to build one backbone and where its three stages end."""
-
-    builder: Callable[..., nn.Module]
-    weights: models.WeightsEnum  # pinned exactly: the weights the papers used, never DEFAULT
-    body: str  # attribute that holds the layers ("" = the network itself)
-    stage_ends: tuple[str, str, str]  # child names that end stage 1, 2, 3 (strides 4, 8, 16)
+from models.registry import BACKBONES
 
 
-BACKBONES: dict[str, BackboneSpec] = {
-    "resnet18": BackboneSpec(models.resnet18, models.ResNet18_Weights.IMAGENET1K_V1, "", ("layer1", "layer2", "layer3")),
-    "resnet34": BackboneSpec(models.resnet34, models.ResNet34_Weights.IMAGENET1K_V1, "", ("layer1", "layer2", "layer3")),
-    "resnet50": BackboneSpec(models.resnet50, models.ResNet50_Weights.IMAGENET1K_V1, "", ("layer1", "layer2", "layer3")),
-    "wide_resnet50_2": BackboneSpec(models.wide_resnet50_2, models.Wide_ResNet50_2_Weights.IMAGENET1K_V1, "",
-                                    ("layer1", "layer2", "layer3")),
-    # MobileNetV2's inverted-residual blocks 3, 6 and 13 are the last ones at strides 4, 8 and 16.
-    "mobilenet_v2": BackboneSpec(models.mobilenet_v2, models.MobileNet_V2_Weights.IMAGENET1K_V1, "features",
-                                 ("3", "6", "13")),
-}
 
 
 def build_network(backbone: str, state_dict: Mapping[str, Tensor] | None = None) -> nn.Module:
@@ -42,13 +23,18 @@ def build_network(backbone: str, state_dict: Mapping[str, Tensor] | None = None)
 
     ``state_dict`` may lack the classification head; every other key must be present and fit.
     """
-    network = BACKBONES[backbone].builder(weights=None)
+    network = getattr(models, backbone)(weights=None)  # torchvision's builder of that name
     if state_dict is not None:
         result = network.load_state_dict(state_dict, strict=False)
         missing = [k for k in result.missing_keys if not is_head(k)]
         if missing or result.unexpected_keys:
             raise ValueError(f"missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
     return network
+
+
+def pinned_weights(backbone: str) -> models.WeightsEnum:
+    """torchvision's weights entry that the registry pins for ``backbone`` (IMAGENET1K_V1)."""
+    return models.get_weight(BACKBONES[backbone].weights)
 
 
 def is_head(key: str) -> bool:

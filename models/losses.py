@@ -16,6 +16,8 @@ from typing import Callable, Sequence
 import torch.nn.functional as F
 from torch import Tensor
 
+from models import registry
+
 DistillationLoss = Callable[[Sequence[Tensor], Sequence[Tensor]], Tensor]
 
 
@@ -36,8 +38,9 @@ def rd4ad_distillation_loss(student: Sequence[Tensor], teacher: Sequence[Tensor]
     return total
 
 
-# The registry behind the config key ``loss.distillation``.
-DISTILLATION_LOSSES: dict[str, DistillationLoss] = {"stpm": stpm_distillation_loss, "rd4ad": rd4ad_distillation_loss}
+# The forms behind the config key ``loss.distillation``, in the order of models.registry's names.
+DISTILLATION_LOSSES: dict[str, DistillationLoss] = dict(zip(registry.DISTILLATION_LOSSES,
+                                                            (stpm_distillation_loss, rd4ad_distillation_loss), strict=True))
 
 
 def normality_embedding_loss(rebuilt: Tensor, target: Tensor) -> Tensor:

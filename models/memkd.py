@@ -7,12 +7,22 @@ RD4AD's decoder, and whether it has memories, is decided when the student is bui
 from __future__ import annotations
 
 import torch
+from typing import NamedTuple
+
 from torch import Tensor, nn
 
 from models.anomaly_map import MapSettings, anomaly_map
 from models.feature_extractor import FeatureExtractor
 from models.losses import DISTILLATION_LOSSES, normality_embedding_loss, orthogonality_loss
 from models.memory import normalised_entropy
+
+
+class StudentOutput(NamedTuple):
+    """What every student returns: features in the teacher's stage order (strides 4, 8, 16) and
+    each memory's read weights."""
+
+    features: list[Tensor]
+    recall_weights: list[Tensor]
 
 
 class MemKD(nn.Module):
@@ -50,7 +60,7 @@ class MemKD(nn.Module):
 
     def set_inference_teacher(self, network: nn.Module | None) -> None:
         """Compute every teacher feature with ``network``, a network equivalent to the teacher (e.g.
-        its batch norms folded, utils/acceleration.py), or with the teacher itself for None.
+        its batch norms folded, models/folding.py), or with the teacher itself for None.
 
         It is kept outside the module tree: ``self.teacher``, ``state_dict()`` and ``.to()`` never
         see it, so the teacher stays exactly the library's weights. Call it after ``.to(device)``.

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from models.registry import FUSION_MODES, MemoryStage
 
 
 def normalised_entropy(weights: Tensor) -> Tensor:
@@ -71,7 +74,14 @@ class NormalityMemory(nn.Module):
         return self._read(features, self.values)
 
 
-FUSION_MODES: tuple[str, ...] = ("concat", "add")
+@dataclass(frozen=True)
+class MemorySettings:
+    """Size, read temperature, places and fusion of the NR memories a student holds."""
+
+    slots: int
+    temperature: float
+    stages: tuple[MemoryStage, ...]
+    fusion: str = "concat"
 
 
 class MemoryFusion(nn.Module):

@@ -16,8 +16,9 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from models.memory import MemoryFusion
-from models.student import MemorySettings, MemoryStage, StudentOutput
+from models.memkd import StudentOutput
+from models.memory import MemoryFusion, MemorySettings
+from models.registry import MEMORY_STAGES, MemoryStage
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,7 @@ class RDStudent(nn.Module):
     the older unofficial code did; its values learn to rebuild the exemplars' embedding).
     """
 
-    MEMORY_STAGES: tuple[MemoryStage, ...] = ("bottleneck", 3, 2)  # stage 1's output is the last one
+    MEMORY_STAGES: tuple[MemoryStage, ...] = MEMORY_STAGES["rd"]
 
     def __init__(self, backbone: str, teacher_channels: tuple[int, int, int], memory: MemorySettings | None):
         super().__init__()

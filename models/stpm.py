@@ -4,8 +4,9 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from models.feature_extractor import FeatureExtractor
-from models.memory import MemoryFusion
-from models.student import MemorySettings, MemoryStage, StudentOutput
+from models.memkd import StudentOutput
+from models.memory import MemoryFusion, MemorySettings
+from models.registry import MEMORY_STAGES, MemoryStage
 
 
 class STStudent(nn.Module):
@@ -16,7 +17,7 @@ class STStudent(nn.Module):
     is queried in the space its values are taught to rebuild (:meth:`memory_targets`).
     """
 
-    MEMORY_STAGES: tuple[MemoryStage, ...] = (1, 2)  # stage 3's output feeds no further stage
+    MEMORY_STAGES: tuple[MemoryStage, ...] = MEMORY_STAGES["st"]
 
     def __init__(self, backbone: str, teacher_channels: tuple[int, int, int], memory: MemorySettings | None):
         super().__init__()

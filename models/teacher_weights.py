@@ -9,7 +9,7 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from models.feature_extractor import BACKBONES, build_network, is_head
+from models.feature_extractor import build_network, is_head, pinned_weights
 from utils.errors import UserError
 
 
@@ -60,7 +60,6 @@ def resolve_teacher_weights(backbone: str, pretrained: bool, teacher_weights: st
     ``url``/``model_dir`` replace torchvision's address and cache folder (tests use a loopback server).
     Raises UserError when the weights cannot be had, unless ``fallback_to_random``.
     """
-    spec = BACKBONES[backbone]
     if teacher_weights:
         path = Path(teacher_weights).expanduser()
         if not path.is_file():
@@ -75,8 +74,9 @@ def resolve_teacher_weights(backbone: str, pretrained: bool, teacher_weights: st
         return state, f"local file {path} (sha256 {sha256_of(path)[:16]})"
     if not pretrained:
         return None, "random init (model.pretrained=false): not an ImageNet teacher"
-    name = f"torchvision {type(spec.weights).__name__}.{spec.weights.name}"
-    url = url or spec.weights.url
+    weights = pinned_weights(backbone)
+    name = f"torchvision {type(weights).__name__}.{weights.name}"
+    url = url or weights.url
     try:
         state = torch.hub.load_state_dict_from_url(url, model_dir=model_dir, map_location="cpu",
                                                    progress=True, check_hash=True)

@@ -12,7 +12,7 @@ from benchmarks import memory_ablation, memory_study, paired
 from benchmarks.paired import (DEFAULT, MEMORY_OFF, Cell, CellResult, DatasetSpec, Variant, category_mean, compare,
                                format_csv, format_markdown, paired_difference)
 from tests.fixtures import make_mvtec_folder
-from utils.config import SCHEMA
+from engine.config import SCHEMA
 from utils.errors import UserError
 
 # --------------------------------------------------------------------------- statistics
@@ -159,7 +159,7 @@ def test_the_study_leaves_out_a_value_equal_to_the_default_and_keys_the_config_l
 
 @pytest.mark.skipif("memory.stages" not in SCHEMA, reason="this version has no memory.stages key")
 def test_every_stage_variant_is_a_valid_config_for_its_student(tmp_path):
-    from utils.config import load_config
+    from engine.config import load_config
 
     for student in ("st", "rd"):
         for value in memory_study.SETTINGS["memory.stages"][student]:
@@ -177,7 +177,7 @@ TINY = ["data.image_size=64", "data.num_workers=0", "data.val_fraction=0.25", "m
 
 
 def test_the_ablation_trains_each_cell_once_and_a_second_invocation_trains_nothing(tmp_path, monkeypatch):
-    from utils.cli import main as script_main
+    from engine.cli import main as script_main
 
     root = make_mvtec_folder(tmp_path / "data")
     out = tmp_path / "study"
@@ -225,7 +225,7 @@ def test_a_failing_run_stops_the_study_with_its_exit_code(tmp_path, monkeypatch,
 def test_jobs_two_trains_two_runs_at_once_and_the_tables_match_one_at_a_time(tmp_path, monkeypatch):
     import threading
 
-    from utils.cli import main as script_main
+    from engine.cli import main as script_main
 
     root = make_mvtec_folder(tmp_path / "data")
     both_started = threading.Barrier(2, timeout=60)  # broken (an error) unless two runs are launched together

@@ -1,7 +1,7 @@
 """Malformed input, through the real command-line entry: one line naming the problem and its fix,
 exit code 2, no traceback (unless --debug), and nothing already on disk damaged.
 
-Each case of :data:`CASES` runs ``utils.cli.main`` in-process (fast); a few also run as a
+Each case of :data:`CASES` runs ``engine.cli.main`` in-process (fast); a few also run as a
 subprocess, to see the exit code and stderr exactly as a user does. Cases run against an output
 folder that already holds a finished run, and every file in it must be byte-identical afterwards.
 """
@@ -24,7 +24,7 @@ from torchvision import models
 
 from utils.runlock import LOCK_NAME
 from tests.fixtures import make_mvtec_folder, tiny_run_args
-from utils.cli import main
+from engine.cli import main
 from utils.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -265,7 +265,7 @@ def test_debug_shows_the_traceback(finished: tuple[Path, Path]) -> None:
 
 def test_an_image_broken_inside_a_loader_worker_is_still_one_line(tmp_path: Path) -> None:
     """Without the up-front decode (e.g. a file broken while the run is going), a worker raises it."""
-    from datasets import AnomalyDataset, Sample
+    from datasets.samples import AnomalyDataset, Sample
 
     path = tmp_path / "broken.png"
     Image.fromarray(np.full((64, 64, 3), 100, np.uint8)).save(path)
@@ -280,7 +280,7 @@ def test_an_image_broken_inside_a_loader_worker_is_still_one_line(tmp_path: Path
 
 def test_a_mask_of_another_size_is_not_an_error(tmp_path: Path) -> None:
     """Decided: a mask whose size differs from its image is resized (nearest) like every mask, not refused."""
-    from datasets import build_datasets
+    from datasets.build import build_datasets
 
     root = make_mvtec_folder(tmp_path, "widget")
     mask = root / "widget" / "ground_truth" / "scratch" / "000_mask.png"

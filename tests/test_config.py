@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from utils.config import SCHEMA, load_config, validate
+from engine.config import SCHEMA, load_config, validate
 from utils.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -189,8 +189,8 @@ def test_output_dir_expands_the_home_folder():
 
 
 def test_allowed_values_come_from_the_registries():
-    from datasets import DATASET_NAMES
-    from models import BACKBONES, DISTILLATION_LOSSES
+    from datasets.registry import DATASET_NAMES
+    from models.registry import BACKBONES, DISTILLATION_LOSSES
 
     assert SCHEMA["model.backbone"].choices == tuple(BACKBONES)
     assert SCHEMA["data.dataset"].choices == DATASET_NAMES

@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-import datasets
-from datasets import (
-    DATASET_NAMES, IMAGENET_MEAN, IMAGENET_STD, build_datasets, image_to_tensor, list_categories, load_rgb,
-)
+import datasets.build
+from datasets.build import build_datasets, list_categories
+from datasets.images import IMAGENET_MEAN, IMAGENET_STD, image_to_tensor, load_rgb
+from datasets.registry import DATASET_NAMES
 from datasets.images import load_mask
 from tests.fixtures import (
     defective, make_btad_folder, make_eyecandies_folder, make_mvtec3d_folder, make_mvtec_folder, make_user_folder,
@@ -349,7 +349,7 @@ def test_download_is_called_only_when_asked(tmp_path, monkeypatch):
         calls.append((dataset, Path(root)))
         make_mvtec_folder(root, "bottle")
 
-    monkeypatch.setattr(datasets, "ensure_downloaded", ensure_downloaded)
+    monkeypatch.setattr(datasets.build, "ensure_downloaded", ensure_downloaded)
     with raises("data not found"):
         build_datasets("mvtec", tmp_path / "a", "bottle", 16, 0.1, 0)
     assert calls == []

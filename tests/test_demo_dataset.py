@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 import datasets.demo as demo
-from datasets import build_datasets, list_categories
+from datasets.build import build_datasets, list_categories
 from utils.errors import UserError
 
 

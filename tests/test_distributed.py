@@ -17,7 +17,7 @@ import torch
 import torch.multiprocessing as mp
 
 from tests.fixtures import make_user_folder
-from utils.cli import main
+from engine.cli import main
 from utils.distributed import ShardedBatches, World, average_gradients
 from utils.runlock import RunLock
 

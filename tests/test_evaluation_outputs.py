@@ -15,10 +15,10 @@ from PIL import Image
 
 import predict
 from tests.fixtures import make_mvtec_folder, tiny_run_args, texture
-from utils.cli import main
-from utils.report import COLUMNS, PAPER_MEANS, write_summary
-from utils.thresholds import THRESHOLD_KEYS
-from utils.visualize import CELL_PIXELS, GAP_PIXELS, choose_examples, example_cells, outline
+from engine.cli import main
+from engine.report import COLUMNS, PAPER_MEANS, write_summary
+from engine.thresholds import THRESHOLD_KEYS
+from engine.visualize import CELL_PIXELS, GAP_PIXELS, choose_examples, example_cells, outline
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -159,9 +159,9 @@ def test_predict_writes_overlays_masks_at_original_size_and_a_csv(trained, tmp_p
 
 
 def test_predict_scores_test_images_exactly_as_evaluation_does(trained, tmp_path):
-    from datasets import build_datasets
+    from datasets.build import build_datasets
     from models.anomaly_map import image_scores
-    from utils.evaluation import anomaly_maps
+    from engine.evaluation import anomaly_maps
 
     data_root, _, run_dir, _ = trained
     out = tmp_path / "predicted"

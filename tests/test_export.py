@@ -21,12 +21,12 @@ import torch
 
 import export
 import predict
-from datasets import image_to_tensor, load_rgb
+from datasets.images import image_to_tensor, load_rgb
 from datasets.images import IMAGENET_MEAN, IMAGENET_STD
 from models.anomaly_map import image_scores
 from tests.fixtures import make_mvtec_folder, tiny_run_args
-from utils.cli import main as train
-from utils.onnx_backend import OnnxScorer, sidecar_path
+from engine.cli import main as train
+from engine.onnx_backend import OnnxScorer, sidecar_path
 
 ROOT = Path(__file__).resolve().parent.parent
 # (script's method, run folder, memory.enabled): MemKD-ST, STPM, MemKD-RD, RD4AD.
@@ -149,7 +149,7 @@ def test_the_scorer_needs_no_checkpoint_models_or_torchvision(runs, tmp_path):
     alone.mkdir()
     for name in ("best.onnx", "best.json"):
         shutil.copy(runs["memkd-rd"] / name, alone / name)
-    code = ("import sys, torch; from pathlib import Path; from utils.onnx_backend import OnnxScorer; "
+    code = ("import sys, torch; from pathlib import Path; from engine.onnx_backend import OnnxScorer; "
             f"s = OnnxScorer(Path({str(alone / 'best.onnx')!r})); "
             "m = s.anomaly_map(torch.zeros(2, 3, s.image_size, s.image_size)); "
             "loaded = [n for n in sys.modules if n.split('.')[0] in ('models', 'torchvision')]; "

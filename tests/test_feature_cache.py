@@ -5,14 +5,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from datasets import build_datasets
-from models import build_model
-from models.feature_extractor import BACKBONES, FeatureExtractor
+from datasets.build import build_datasets
+from models.build import build_model
+from models.feature_extractor import FeatureExtractor
+from models.registry import BACKBONES
 from tests.fixtures import make_mvtec_folder
-from utils.acceleration import to_device
-from utils.config import load_config
-from utils.feature_cache import IndexedDataset, TeacherFeatureCache, feature_bytes_per_image
-from utils.training import train
+from utils.device import to_device
+from engine.config import load_config
+from engine.feature_cache import IndexedDataset, TeacherFeatureCache, feature_bytes_per_image
+from engine.training import train
 
 SIZE = 64
 

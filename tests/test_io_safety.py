@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 import utils.io
-from datasets import build_datasets
+from datasets.build import build_datasets
 from datasets.images import check_image_header, load_mask, load_rgb
 from tests.fixtures import make_mvtec_folder
 from utils.errors import UserError

@@ -8,13 +8,14 @@ import torch.nn.functional as F
 import torchvision
 from scipy.ndimage import gaussian_filter
 
-from models import build_model
+from models.build import build_model
 from models.anomaly_map import MapSettings, gaussian_blur, image_scores, rd4ad_map, stpm_map
-from models.feature_extractor import BACKBONES, FeatureExtractor
+from models.feature_extractor import FeatureExtractor
+from models.registry import BACKBONES
 from models.losses import (normality_embedding_loss, orthogonality_loss, rd4ad_distillation_loss,
                            stpm_distillation_loss)
 from models.memory import NormalityMemory, normalised_entropy
-from utils.config import load_config
+from engine.config import load_config
 
 EXPECTED_CHANNELS = {"resnet18": (64, 128, 256), "resnet34": (64, 128, 256), "resnet50": (256, 512, 1024),
                      "wide_resnet50_2": (256, 512, 1024), "mobilenet_v2": (24, 32, 96)}

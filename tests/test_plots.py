@@ -1,11 +1,11 @@
-"""utils/plots.py: training curves from history.json records, and a study's paired differences."""
+"""engine/plots.py: training curves from history.json records, and a study's paired differences."""
 import math
 
 import pytest
 from PIL import Image
 
 from utils.errors import UserError
-from utils.plots import (paired_differences_figure, save_paired_differences, save_training_curves,
+from engine.plots import (paired_differences_figure, save_paired_differences, save_training_curves,
                          training_curves_figure)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -3,7 +3,7 @@ import torch
 from PIL import Image
 
 from benchmarks.presize_dataset import main
-from datasets import build_datasets
+from datasets.build import build_datasets
 from tests.fixtures import make_mvtec_folder
 
 

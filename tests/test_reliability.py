@@ -20,14 +20,14 @@ from typing import Any
 import pytest
 import torch
 
-import utils.engine as engine
-import utils.training as training
+import engine.run as engine
+import engine.training as training
 from utils.runlock import LOCK_NAME
 from models.memkd import MemKD
 from tests.fixtures import make_mvtec_folder, tiny_run_args
-from utils.checkpoint import FORMAT_VERSION, load_checkpoint
-from utils.cli import main
-from utils.config import SCHEMA, load_config
+from engine.checkpoint import FORMAT_VERSION, load_checkpoint
+from engine.cli import main
+from engine.config import SCHEMA, load_config
 from utils.errors import UserError
 from utils.io import _TEMPORARY_NAME, remove_stale_temporaries, save_torch, write_json
 
@@ -236,7 +236,7 @@ def test_every_torch_load_in_the_code_is_weights_only() -> None:
                     and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch"):
                 weights_only = [k.value for k in node.keywords if k.arg == "weights_only"]
                 calls.append((f"{path.relative_to(ROOT)}:{node.lineno}", weights_only))
-    assert calls, "expected torch.load in utils/checkpoint.py and models/teacher_weights.py"
+    assert calls, "expected torch.load in engine/checkpoint.py and models/teacher_weights.py"
     unsafe = [where for where, values in calls
               if not (len(values) == 1 and isinstance(values[0], ast.Constant) and values[0].value is True)]
     assert not unsafe, f"torch.load without weights_only=True at {unsafe}"

@@ -11,8 +11,8 @@ import torch
 
 import predict
 from tests.fixtures import make_mvtec_folder, tiny_run_args
-from utils.checkpoint import weights_digest
-from utils.cli import main
+from engine.checkpoint import weights_digest
+from engine.cli import main
 
 FOLDERS = {"st": "memkd-st", "rd": "memkd-rd"}
 

@@ -7,15 +7,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from datasets import build_datasets
-from models import build_model
-from models.feature_extractor import BACKBONES, FeatureExtractor
+from datasets.build import build_datasets
+from models.build import build_model
+from models.feature_extractor import FeatureExtractor
+from models.registry import BACKBONES
 from models.memory import MemoryFusion, NormalityMemory
 from tests.fixtures import make_mvtec_folder
-from utils.acceleration import fold_batchnorms, folded_for_inference, inference_copy, to_device
-from utils.config import load_config
-from utils.evaluation import anomaly_maps
-from utils.training import train
+from models.folding import fold_batchnorms, folded_for_inference, inference_copy
+from utils.device import memory_format, to_device
+from engine.config import load_config
+from engine.evaluation import anomaly_maps
+from engine.training import train
 
 SIZE = 64
 
@@ -81,7 +83,7 @@ def test_the_saved_networks_keep_their_weights_and_layout(channels_last, data_ro
     images = to_device(torch.randn(2, 3, SIZE, SIZE), config, torch.device("cpu"))
     assert images.is_contiguous(memory_format=torch.channels_last) == channels_last
     plain = model.teacher_features(images)  # the teacher itself: what training computes
-    with torch.no_grad(), folded_for_inference(model.eval(), config):
+    with torch.no_grad(), folded_for_inference(model.eval(), memory_format(config)):
         folded = model.teacher_features(images)  # the folded copy, in the configured layout
         assert all(f.is_contiguous(memory_format=torch.channels_last) == channels_last for f in folded)
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5 * a.abs().max().item()) for a, b in zip(plain, folded))
@@ -125,7 +127,7 @@ def test_maps_through_folded_networks_are_the_trained_models(method, data_root, 
     trained = model.student
     images = torch.randn(3, 3, SIZE, SIZE)
     expected = model.anomaly_map(images)
-    with folded_for_inference(model, config):
+    with folded_for_inference(model, memory_format(config)):
         assert model.student is not trained
         assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.student.modules())
         got = model.anomaly_map(images)

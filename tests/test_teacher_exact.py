@@ -6,11 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from models import build_model
-from models.feature_extractor import BACKBONES, build_network, is_head
+from models.build import build_model
+from models.feature_extractor import build_network, is_head
+from models.registry import BACKBONES
 from models.teacher_weights import fingerprint_weights
 from tests.fixtures import make_mvtec_folder, tiny_run_args
-from utils.config import load_config
+from engine.config import load_config
 
 
 def generated_weights(backbone: str, path: Path) -> dict[str, torch.Tensor]:
@@ -51,9 +52,9 @@ def test_the_built_teacher_equals_its_weights_tensor_by_tensor(backbone, tmp_pat
 
 
 def test_training_and_evaluation_never_change_the_teacher(tmp_path):
-    from datasets import build_datasets
-    from utils.evaluation import anomaly_maps
-    from utils.training import train
+    from datasets.build import build_datasets
+    from engine.evaluation import anomaly_maps
+    from engine.training import train
 
     source = generated_weights("resnet18", tmp_path / "teacher.pth")
     root = make_mvtec_folder(tmp_path / "data")
@@ -79,7 +80,7 @@ def test_the_fingerprint_is_of_the_source_weights_not_of_the_module(tmp_path):
 
 
 def test_a_checkpoint_of_the_old_format_is_refused_saying_why(tmp_path):
-    from utils.checkpoint import load_checkpoint
+    from engine.checkpoint import load_checkpoint
     from utils.errors import UserError
 
     torch.save({"format_version": 1, "method": "st", "student": {}}, tmp_path / "best.pt")

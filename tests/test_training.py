@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.fixtures import make_mvtec_folder, tiny_run_args
-from utils.cli import main
+from engine.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULT_FIELDS = {"method", "backbone", "teacher_weights", "dataset", "category", "memory_enabled", "image_auroc",
@@ -82,7 +82,7 @@ def test_rerunning_a_finished_run_skips_it(data_root, tmp_path, capsys):
 
 
 def test_validation_uses_train_images_only(data_root, tmp_path):
-    from datasets import build_datasets
+    from datasets.build import build_datasets
     splits = build_datasets("mvtec", data_root, "widget", 64, 0.25, 0)
     val_paths = {splits.val[i]["path"] for i in range(len(splits.val))}
     assert val_paths and all("/train/good/" in p for p in val_paths)
@@ -90,10 +90,10 @@ def test_validation_uses_train_images_only(data_root, tmp_path):
 
 
 def test_validation_returns_the_student_to_train_mode(data_root):
-    from datasets import build_datasets
-    from models import build_model
-    from utils.config import load_config
-    from utils.training import validation_error
+    from datasets.build import build_datasets
+    from models.build import build_model
+    from engine.config import load_config
+    from engine.training import validation_error
 
     config = load_config("st", tiny_run_args(data_root, "unused"))
     model = build_model("st", config)

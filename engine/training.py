@@ -1,7 +1,7 @@
 """Training: fit the student on normal images, resume an interrupted run, write its checkpoints.
 
 Everything here writes only ``last.pt`` and ``best.pt`` (and nothing once training has finished);
-evaluation (utils/evaluation.py) and run records (utils/engine.py) never write them.
+evaluation (engine/evaluation.py) and run records (engine/run.py) never write them.
 """
 from __future__ import annotations
 
@@ -15,14 +15,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from datasets import AnomalyDataset
-from models import MemKD
-from utils.acceleration import to_device, tune_for
-from utils.checkpoint import check_fits, load_checkpoint, load_student, save_checkpoint
-from utils.device import autocast, make_loader
+from datasets.samples import AnomalyDataset
+from models.memkd import MemKD
+from engine.checkpoint import check_fits, load_checkpoint, load_student, save_checkpoint
+from utils.device import autocast, make_loader, to_device, tune_for
 from utils.distributed import ShardedBatches, World, all_finite, average_gradients, broadcast_buffers
 from utils.errors import UserError
-from utils.feature_cache import IndexedDataset, TeacherFeatureCache
+from engine.feature_cache import IndexedDataset, TeacherFeatureCache
 
 
 @dataclass

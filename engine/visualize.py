@@ -18,7 +18,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from datasets import IMAGENET_MEAN, IMAGENET_STD
+from datasets.images import IMAGENET_MEAN, IMAGENET_STD
 from utils.io import atomic_write
 
 DPI = 100
@@ -352,7 +352,7 @@ def save_pictures(run_dir: Path, dataset: Sequence[dict[str, Any]], test: dict[s
                   metrics: dict[str, Any], thresholds: dict[str, float | None], rows: int) -> list[Path]:
     """Write examples.png (``rows`` rows) and roc.png into ``run_dir``; return their paths.
 
-    ``test`` is :func:`utils.engine.anomaly_maps`'s result on ``dataset``. ``rows`` 0 draws
+    ``test`` is :func:`engine.run.anomaly_maps`'s result on ``dataset``. ``rows`` 0 draws
     nothing and removes pictures left by an earlier evaluation.
     """
     if rows == 0 or len(dataset) == 0:

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from utils.config import keys_in_scope
+from engine.config import keys_in_scope
 from utils.errors import UserError
 from utils.io import save_torch
 

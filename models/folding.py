@@ -1,36 +1,27 @@
-"""Faster execution of the same network: batch norms folded into convolutions for inference,
-channels_last, cuDNN autotuning, input transfer.
+"""The same networks, faster for inference: batch norms folded into the convolutions before them.
 
 * In inference a BatchNorm is a fixed per-channel scale and shift, which can be folded into the
   convolution before it; on CPU the separate batch-norm pass took about half of a MobileNetV2
   forward pass (measured: 0.91 s -> 0.47 s for 16 images at 256 px, one thread). Anomaly maps
   are computed through folded copies of teacher and student (:func:`folded_for_inference`);
   ``model.teacher`` keeps exactly the library's weights, and training never runs folded.
-* channels_last (``train.channels_last``, off by default) lets the convolution library run its
-  fastest kernels without converting layouts in every layer. It is off because on CPU it does
-  not only round differently: the first step's gradient of a MobileNetV2 student differs from
-  the NCHW one by 0.4 % even in float64 (ResNets: 4e-7), a difference of the library's kernels
-  that we do not want in the numbers.
+* Inference copies can also run channels-last (``layout``); see utils/device.py for why training
+  keeps NCHW by default.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from models import MemKD
+from models.memkd import MemKD
 
 _CONVOLUTIONS = (nn.Conv2d, nn.ConvTranspose2d)
-
-
-def memory_format(config: dict[str, Any]) -> torch.memory_format:
-    """``torch.channels_last`` when ``train.channels_last`` is set, else the usual NCHW layout."""
-    return torch.channels_last if config["train.channels_last"] else torch.contiguous_format
 
 
 def _foldable(conv: nn.Module | None, norm: nn.Module | None) -> bool:
@@ -76,23 +67,16 @@ def inference_copy(module: nn.Module, layout: torch.memory_format = torch.contig
     return fast.to(memory_format=layout)
 
 
-def tune_for(device: torch.device) -> None:
-    """cuDNN autotuning on CUDA: the input size never changes within a run, so it pays after a step."""
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-
-
 @contextlib.contextmanager
-def folded_for_inference(model: MemKD, config: dict[str, Any]) -> Iterator[MemKD]:
+def folded_for_inference(model: MemKD, layout: torch.memory_format = torch.contiguous_format) -> Iterator[MemKD]:
     """Within the block, ``model`` scores through inference copies of its teacher and student
-    (eval mode, batch norms folded, in the layout of ``train.channels_last``); afterwards the
+    (eval mode, batch norms folded, in memory ``layout``); afterwards the
     trained student is back in place and the teacher computes its own features again.
 
     Training never runs folded: its teacher features, and so what it learns, are exactly those of
     the library's network. Scoring runs folded, which moves maps by float rounding only (measured:
-    README, "Speed").
+    docs/speed.md).
     """
-    layout = memory_format(config)
     with scoring_through(model, inference_copy(model.student, layout), inference_copy(model.teacher, layout)):
         yield model
 
@@ -110,11 +94,3 @@ def scoring_through(model: MemKD, student: nn.Module, teacher: nn.Module | None)
     finally:
         model.student = trained
         model.set_inference_teacher(None)
-
-
-def to_device(images: torch.Tensor, config: dict[str, Any], device: torch.device) -> torch.Tensor:
-    """A batch of images on ``device`` in the layout ``train.channels_last`` asks for.
-
-    The copy is asynchronous from pinned memory (``make_loader`` pins on CUDA).
-    """
-    return images.to(device, non_blocking=True, memory_format=memory_format(config))

@@ -4,7 +4,7 @@
 epoch); ``save_paired_differences`` draws one PNG per study (benchmarks/memory_ablation.py,
 benchmarks/memory_study.py) with each setting's paired difference and its 95% interval. Both draw
 on matplotlib's Agg canvas without pyplot (no global backend state, no window) and write the
-file atomically through :func:`utils.visualize.save_figure`; matplotlib is imported inside the
+file atomically through :func:`engine.visualize.save_figure`; matplotlib is imported inside the
 functions, so importing this module costs nothing.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from utils.errors import UserError
-from utils.visualize import DPI, save_figure
+from engine.visualize import DPI, save_figure
 
 # history.json key -> legend label. Losses share one axis; entropies (in [0, 1]) get their own panel.
 LOSS_CURVES: tuple[tuple[str, str], ...] = (

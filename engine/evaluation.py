@@ -1,7 +1,7 @@
 """Evaluation: anomaly maps of a trained model, every metric, the decision thresholds, the pictures.
 
 It reads ``best.pt`` and never writes it: what evaluation decides goes to ``evaluation.json``
-beside it (utils/thresholds.py), the pictures beside that. Scoring settings (``eval.*``) can
+beside it (engine/thresholds.py), the pictures beside that. Scoring settings (``eval.*``) can
 therefore change and a model be re-evaluated without retraining.
 """
 from __future__ import annotations
@@ -14,16 +14,16 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from models import MemKD
+from models.memkd import MemKD
 from models.anomaly_map import MapSettings, image_scores
-from utils.acceleration import folded_for_inference, to_device
-from utils.checkpoint import check_fits, load_checkpoint, load_student
-from utils.config import keys_in_scope
-from utils.device import autocast, make_loader
+from models.folding import folded_for_inference
+from engine.checkpoint import check_fits, load_checkpoint, load_student
+from engine.config import keys_in_scope
+from utils.device import autocast, make_loader, memory_format, to_device
 from utils.errors import UserError
 from utils.metrics import evaluate_all, threshold_from_normal_scores
-from utils.thresholds import thresholds_from, write_evaluation
-from utils.visualize import save_pictures
+from engine.thresholds import thresholds_from, write_evaluation
+from engine.visualize import save_pictures
 
 # Deployment threshold: this quantile of the anomaly scores of held-out normal images.
 NORMAL_SCORE_QUANTILE = 0.99
@@ -35,7 +35,7 @@ def anomaly_maps(model: MemKD, dataset: Dataset, config: dict[str, Any], device:
     """Anomaly maps [N, H, W] (CPU) for a dataset, computed in batches, with masks and labels."""
     model.eval()
     maps, masks, labels, has_mask = [], [], [], []
-    with autocast(config, device), folded_for_inference(model, config):
+    with autocast(config, device), folded_for_inference(model, memory_format(config)):
         for batch in tqdm(make_loader(dataset, config["eval.batch_size"], config, device), desc=desc, leave=False, disable=None):
             maps.append(model.anomaly_map(to_device(batch["image"], config, device)).float().cpu())
             masks.append(batch["mask"][:, 0])

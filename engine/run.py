@@ -2,7 +2,7 @@
 
 It never asks which method it runs: a model from :func:`models.build_model` offers
 ``trainable_parameters``, ``set_exemplars``, ``loss``, ``distillation_error`` and ``anomaly_map``,
-and that is all training (utils/training.py) and evaluation (utils/evaluation.py) use. This
+and that is all training (engine/training.py) and evaluation (engine/evaluation.py) use. This
 module keeps the run records: the run folder, what identifies a finished run, ``results.json``
 and ``history.json``.
 """
@@ -16,18 +16,19 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from datasets import DatasetSplits, build_datasets
-from models import build_model, method_name
-from utils.checkpoint import FORMAT_VERSION, config_differences, load_checkpoint
-from utils.config import keys_in_scope
+from datasets.build import DatasetSplits, build_datasets
+from models.registry import method_name
+from models.build import build_model
+from engine.checkpoint import FORMAT_VERSION, config_differences, load_checkpoint
+from engine.config import keys_in_scope
 from utils.device import select_device
 from utils.distributed import World, barrier, main_says
 from utils.errors import UserError
-from utils.evaluation import evaluate_checkpoint
+from engine.evaluation import evaluate_checkpoint
 from utils.io import remove_stale_temporaries, write_json
-from utils.plots import save_training_curves
+from engine.plots import save_training_curves
 from utils.runlock import RunLock
-from utils.training import TrainingState, train
+from engine.training import TrainingState, train
 
 # Files a finished run holds; a run missing any of them is not finished, whatever else it has.
 RUN_OUTPUTS = ("best.pt", "last.pt", "history.json", "evaluation.json", "results.json")

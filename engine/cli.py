@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Sequence
 
-from utils.config import SCHEMA, load_config
+from engine.config import SCHEMA, load_config
 from utils.errors import UserError, run_command
 
 USAGE = """usage: python {script} [override.yaml ...] [section.key=value ...] [--debug]
@@ -43,9 +43,9 @@ def run_categories(method: str, config: dict[str, Any]) -> list[dict[str, Any]] 
     holds; once all are done, rank 0 gathers every category's results.json, so the sweep's
     summary is written once. Returns the results on rank 0 (and in a single process), else None.
     """
-    from datasets import list_categories
+    from datasets.build import list_categories
     from utils.distributed import barrier, current_world, setup
-    from utils.engine import finished_results, run_category, run_directory
+    from engine.run import finished_results, run_category, run_directory
     from utils.errors import UserError
 
     world = current_world()
@@ -76,10 +76,10 @@ def run_categories(method: str, config: dict[str, Any]) -> list[dict[str, Any]] 
 def _run(method: str, args: list[str]) -> None:
     config = load_config(method, args)
     # Imported here so that `--help` and config errors answer at once, before torch loads.
-    from models import method_name
-    from utils.engine import method_directory
+    from models.registry import method_name
+    from engine.run import method_directory
     from utils.io import write_json
-    from utils.report import format_table, mean_row, write_summary
+    from engine.report import format_table, mean_row, write_summary
 
     sweep = config["data.category"] == "all"
     results = run_categories(method, config)

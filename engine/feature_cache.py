@@ -23,7 +23,6 @@ from utils.errors import UserError
 
 # ``train.feature_cache``: the stored dtype, or "off" for no cache.
 CACHE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16}
-CACHE_CHOICES: tuple[str, ...] = (*CACHE_DTYPES, "off")
 FEATURE_STRIDES = (4, 8, 16)  # the teacher's three stages (models.feature_extractor)
 
 TeacherFn = Callable[[Tensor], list[Tensor]]

@@ -22,14 +22,14 @@ import re
 
 import yaml
 
-from datasets import DATASET_NAMES
-from models import BACKBONES, COMBINE_MODES, DISTILLATION_LOSSES, FUSION_MODES
+from datasets.registry import DATASET_NAMES
+from models.registry import BACKBONES, COMBINE_MODES, DISTILLATION_LOSSES, FUSION_MODES, MEMORY_STAGES, METHODS
 from utils.errors import UserError
-from utils.feature_cache import CACHE_CHOICES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "config.yaml"
-METHODS = ("st", "rd")
+# ``train.feature_cache``: the stored dtype of the teacher-feature cache, or no cache (engine/feature_cache.py).
+FEATURE_CACHE_CHOICES: tuple[str, ...] = ("float32", "float16", "off")
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,8 @@ def _betas(v: Any) -> bool:
     return len(v) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in v)
 
 
-MEMORY_PLACES = (1, 2, 3, "bottleneck")
+# Every place some student can hold a memory; which student takes which is checked when it is built.
+MEMORY_PLACES = tuple(dict.fromkeys(place for places in MEMORY_STAGES.values() for place in places))
 
 
 def _memory_stages(v: Any) -> bool:
@@ -131,7 +132,7 @@ SCHEMA: dict[str, Key] = {
     "train.feature_cache": Key(str, "teacher features of the training images computed once per run and kept in memory: "
                                     "`float32` (bit-identical to recomputing them for full batches; a smaller last batch "
                                     "rounds differently), `float16` (half the memory, features rounded) or `off` (the teacher "
-                                    "runs in every step)", choices=CACHE_CHOICES),
+                                    "runs in every step)", choices=FEATURE_CACHE_CHOICES),
     "train.cache_budget_mb": Key(int, "memory the teacher-feature cache may take, in MiB (on the training device); "
                                       "images past it are streamed through the teacher in every step",
                                  _non_negative, ">= 0", scope="run"),
