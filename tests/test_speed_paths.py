@@ -142,20 +142,34 @@ def test_batch_norms_fold_only_in_eval_mode():
     assert fold_batchnorms(network.eval()) == 1 and isinstance(network[1], torch.nn.Identity)
 
 
-def trained_history(method: str, config: dict, run_dir: Path) -> list[dict]:
-    splits = build_datasets("mvtec", config["data.root"], "widget", SIZE, config["data.val_fraction"], 0, False)
-    return train(build_model(method, config), method, splits, config, run_dir, torch.device("cpu"), "digest").history
+def first_step(method: str, config: dict, images: torch.Tensor,
+               dtype: torch.dtype = torch.float32) -> tuple[float, torch.Tensor]:
+    """The loss of a fresh model's first training step and its gradient, flattened, computed in
+    ``dtype`` in the layout ``config`` asks for."""
+    model = build_model(method, config).to(dtype).train()
+    layout = memory_format(config)
+    images = images.to(dtype).contiguous(memory_format=layout)
+    model.set_exemplars(images[:2])
+    loss = model.loss(images)["loss"]
+    loss.backward()
+    return loss.item(), torch.cat([p.grad.flatten() for p in model.trainable_parameters() if p.grad is not None])
 
 
 @pytest.mark.parametrize("method", ["st", "rd"])
 def test_channels_last_trains_what_nchw_trains_up_to_float_rounding(method, data_root, tmp_path):
-    fast = trained_history(method, tiny_config(method, data_root, tmp_path, True), tmp_path / "fast")
-    plain = trained_history(method, tiny_config(method, data_root, tmp_path, False), tmp_path / "plain")
-    # Measured: the first epoch's loss 1e-7 (ST) and 3e-6 (RD) apart; then the two runs drift as
-    # any change of float rounding makes SGD and Adam drift (0.01 % and 0.2 % by epoch 2 here).
-    assert fast[0]["loss"] == pytest.approx(plain[0]["loss"], rel=1e-4)
-    for a, b in zip(fast, plain):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-2) and a["val_kd"] == pytest.approx(b["val_kd"], rel=1e-2)
+    # What the layout promises is the same arithmetic up to float rounding: the same first step,
+    # as close to NCHW's as float32 itself is to the exact (float64) step. Later steps are no
+    # promise: each feeds the previous step's rounding back in, and how far SGD and Adam then
+    # drift depends on the CPU's kernels (RD's epoch-2 val_kd was 0.2 % apart on one machine and
+    # 1.4 % on another), so no tolerance on them would hold on every machine.
+    images = torch.randn(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    nchw = tiny_config(method, data_root, tmp_path, False)
+    fast_loss, fast_grad = first_step(method, tiny_config(method, data_root, tmp_path, True), images)
+    plain_loss, plain_grad = first_step(method, nchw, images)
+    exact_loss, exact_grad = first_step(method, nchw, images, torch.float64)
+    rounding = (plain_grad.double() - exact_grad).norm()
+    assert abs(fast_loss - plain_loss) <= 10 * abs(plain_loss - exact_loss) + 1e-6 * abs(exact_loss)
+    assert (fast_grad - plain_grad).double().norm() <= 10 * rounding
 
 
 @pytest.mark.parametrize("method", ["st", "rd"])
