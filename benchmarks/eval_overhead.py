@@ -26,7 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from datasets.images import normalise  # noqa: E402
-from models.build import build_model  # noqa: E402
+from engine.model import build_run_model  # noqa: E402
 from models.anomaly_map import gaussian_blur, image_scores  # noqa: E402
 from models.folding import folded_for_inference  # noqa: E402
 from engine.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
@@ -81,13 +81,13 @@ def model_seconds(method: str, backbone: str, device_name: str, images: int, bat
     """Seconds for the anomaly maps of ``images`` images (the engine's forward passes), and the device."""
     config = load_config(method, [f"model.backbone={backbone}", "model.pretrained=false"])
     device = select_device(device_name)
-    model = build_model(method, config).to(device).eval()
+    model = build_run_model(config).to(device).eval()
     inputs = torch.randn(batch, 3, size, size, device=device)
     model.anomaly_map(inputs[:2])  # warm-up: first-call allocations, cuDNN autotuning
     if device.type == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()
-    with folded_for_inference(model, memory_format(config)):  # as engine/evaluation.py scores, folding included
+    with folded_for_inference(model, memory_format(config.train.channels_last)):  # as engine/evaluation.py scores, folding included
         for start in range(0, images, batch):
             model.anomaly_map(inputs[: min(batch, images - start)]).float().cpu()
     return time.perf_counter() - started, str(device)
@@ -97,13 +97,12 @@ def checkpoint_seconds(method: str, backbone: str, folder: Path, test: dict[str,
                        metrics: dict[str, float]) -> float:
     """Seconds to write evaluation.json (scoring settings, thresholds) beside best.pt."""
     config = load_config(method, [f"model.backbone={backbone}", "model.pretrained=false"])
-    model = build_model(method, config)
+    model = build_run_model(config)
     path = folder / "best.pt"
-    save_checkpoint(path, method=method, config=config, student=model.student,
+    save_checkpoint(path, settings=config, student=model.student,
                     fingerprint=model.teacher_fingerprint, data_digest="synthetic", epoch=1)
     state = load_checkpoint(path)
-    scoring = {"eval.combine": config["eval.combine"], "eval.sigma": config["eval.sigma"]}
-    return timed(lambda: write_evaluation(path, state, scoring, thresholds_from(metrics, test["maps"])))[0]
+    return timed(lambda: write_evaluation(path, state, config.scope("eval"), thresholds_from(metrics, test["maps"])))[0]
 
 
 def main() -> None:
@@ -111,7 +110,7 @@ def main() -> None:
     parser.add_argument("--method", choices=("st", "rd"), default="st")
     parser.add_argument("--backbone", default="resnet18")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--rows", type=int, default=load_config("st")["eval.max_pictures"], help="eval.max_pictures")
+    parser.add_argument("--rows", type=int, default=load_config("st").eval.max_pictures, help="eval.max_pictures")
     parser.add_argument("--test-images", type=int, default=150)
     parser.add_argument("--val-images", type=int, default=25)
     parser.add_argument("--batch-size", type=int, default=32)

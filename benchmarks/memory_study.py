@@ -104,7 +104,7 @@ def plan(datasets: list[DatasetSpec], students: list[str], keys: list[str], out:
                 for value in SETTINGS[key][student]:
                     variant = variant_for(key, value)
                     config = load_config(student, Cell(dataset, student, variant, 0).arguments(out, common))
-                    if config[key] == default[key]:
+                    if config.flat()[key] == default.flat()[key]:
                         notes.append(f"{dataset.name} {student.upper()}: {variant.overrides[0]} is the default, left out")
                     else:
                         chosen.append(variant)

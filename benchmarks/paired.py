@@ -32,9 +32,12 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from utils.errors import UserError, run_command
+
+if TYPE_CHECKING:
+    from engine.config import RunSettings
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"  # the project's shared data, present on the development machines
@@ -218,33 +221,34 @@ def launch(student: str, args: Sequence[str], log: Path | None = None, threads: 
         return subprocess.run(command, check=False, env=env, stdout=stream, stderr=subprocess.STDOUT).returncode
 
 
-def _categories(config: Mapping[str, Any]) -> list[str]:
+def _categories(config: RunSettings) -> list[str]:
     from datasets.build import list_categories
 
-    if config["data.category"] == "all":
-        return list_categories(config["data.dataset"], config["data.root"])
-    return [config["data.category"]]
+    if config.data.category == "all":
+        return list_categories(config.data.dataset, config.data.root)
+    return [config.data.category]
 
 
-def _finished(student: str, config: Mapping[str, Any], categories: Sequence[str]) -> list[dict[str, Any]] | None:
+def _finished(config: RunSettings, categories: Sequence[str]) -> list[dict[str, Any]] | None:
     """Every category's results when all of them finished with exactly this config, else None."""
-    from engine.run import finished_results, run_directory
+    from engine.records import finished_results, run_directory
 
-    found = [finished_results(run_directory(dict(config), student, c), dict(config)) for c in categories]
+    found = [finished_results(run_directory(config, c), config) for c in categories]
     return None if any(r is None for r in found) else found  # type: ignore[return-value]
 
 
-def _conflict(student: str, config: Mapping[str, Any], categories: Sequence[str]) -> str | None:
+def _conflict(config: RunSettings, categories: Sequence[str]) -> str | None:
     """Why a run folder of this cell cannot be continued with ``config``, or None when it can.
 
     A folder holding a run (finished, or interrupted with only last.pt) made with other training
     settings would make the engine refuse to resume, possibly hours into a study; this finds it first.
     """
-    from engine.checkpoint import config_differences, load_checkpoint
-    from engine.run import run_directory
+    from engine.checkpoint import load_checkpoint
+    from engine.config import config_differences
+    from engine.records import run_directory
 
     for category in categories:
-        run_dir = run_directory(dict(config), student, category)
+        run_dir = run_directory(config, category)
         saved = None
         if (run_dir / "results.json").is_file():
             try:
@@ -253,7 +257,7 @@ def _conflict(student: str, config: Mapping[str, Any], categories: Sequence[str]
                 saved = None
         if saved is None and (run_dir / "last.pt").is_file():
             saved = load_checkpoint(run_dir / "last.pt").get("config")
-        differences = config_differences(saved, dict(config)) if isinstance(saved, dict) else []
+        differences = config_differences(saved, config) if isinstance(saved, dict) else []
         if differences:
             return f"{run_dir} holds a run made with other settings ({differences[0]})"
     return None
@@ -291,8 +295,8 @@ def run_cells(cells: Sequence[Cell], out: Path, common: Sequence[str], jobs: int
     for cell in cells:
         config = load_config(cell.student, cell.arguments(out, common))
         categories = _categories(config)
-        finished = _finished(cell.student, config, categories) if config["train.resume"] else None
-        conflict = _conflict(cell.student, config, categories) if finished is None and config["train.resume"] else None
+        finished = _finished(config, categories) if config.train.resume else None
+        conflict = _conflict(config, categories) if finished is None and config.train.resume else None
         if conflict is not None:
             raise UserError(f"{conflict}; a study with other shared settings (--epochs, overrides) needs "
                             "another --out")
@@ -311,7 +315,7 @@ def run_cells(cells: Sequence[Cell], out: Path, common: Sequence[str], jobs: int
     for cell, config, categories, results in plans:
         trained = results is None
         if trained:
-            results = _finished(cell.student, config, categories)
+            results = _finished(config, categories)
             if results is None:
                 raise UserError(f"the run {cell.describe()} ended without results.json in {cell.output_dir(out)}; "
                                 "rerun the same command")

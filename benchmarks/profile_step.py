@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from benchmarks.train_speed import speed_config, step_functions  # noqa: E402
 from models.registry import method_name  # noqa: E402
-from models.build import build_model  # noqa: E402
+from engine.model import build_run_model  # noqa: E402
 from models.losses import normality_embedding_loss  # noqa: E402
 from models.memory import normalised_entropy  # noqa: E402
 from utils.device import to_device  # noqa: E402
@@ -157,13 +157,13 @@ def main(argv: list[str]) -> None:
         config = speed_config(method, args.backbone, memory=True, fast=True)
         print(f"{args.backbone}, {args.size} px, batch {args.batch}, {args.steps} profiled steps, CPU, "
               f"{torch.get_num_threads()} threads; memory on, teacher-feature cache on, "
-              f"channels_last {str(config['train.channels_last']).lower()}")
+              f"channels_last {str(config.train.channels_last).lower()}")
         train_step, map_step = step_functions(config, method, args.batch, args.size, device)
         for name, step in (("training step", train_step), ("anomaly maps", map_step)):
             found = shares(step, args.steps)
             print(f"{method_name(method, True)} {name}: " + ", ".join(f"{g} {100 * s:.0f}%" for g, s in found.items()))
-        model = build_model(method, {**config, "train.batch_size": args.batch})
-        images = to_device(torch.randn(args.batch, 3, args.size, args.size), config, device)
+        model = build_run_model(config.replace({"train.batch_size": args.batch}))
+        images = to_device(torch.randn(args.batch, 3, args.size, args.size), device, config.train.channels_last)
         model.teacher_features(images)
         started = clock()
         model.teacher_features(images)
@@ -175,7 +175,7 @@ def main(argv: list[str]) -> None:
         print(f"  one teacher forward pass (what the cache saves per step): {teacher:.2f} s; "
               f"the cached step itself: {step:.2f} s ({'CPU' if args.threads == 1 else 'wall'} time)")
         model.train()
-        print("\n".join(memory_pieces(model, images, config["memory.exemplars"], clock)))
+        print("\n".join(memory_pieces(model, images, config.memory.exemplars, clock)))
         off = speed_config(method, args.backbone, memory=False, fast=True)
         counts = [operators_per_step(step_functions(off, method, args.batch, args.size, device)[0]),
                   operators_per_step(train_step)]

@@ -30,14 +30,14 @@ def main(argv: list[str]) -> None:
         # One output folder per temperature, so the runs do not resume or skip each other.
         config = load_config(options.method, [*script_args, f"memory.temperature={temperature}",
                                               f"output.dir=results/benchmarks/temperature/T{temperature}"])
-        results = run_categories(options.method, config)
+        results = run_categories(config)
         mean = mean_row(results)
         rows.append((temperature, sum(r["recall_entropy"] for r in results) / len(results),
                      sum(r["exemplar_entropy"] for r in results) / len(results), mean["image_auroc"],
                      mean["pixel_auroc"], results[0]["teacher_weights"]))
-    print(f"\nMemKD-{options.method.upper()}, {config['data.dataset']}/{config['data.category']}, "
-          f"{config['model.backbone']}, {config['data.image_size']} px, {config['train.epochs']} epochs, "
-          f"L={config['memory.slots']}; teacher: {rows[0][5]}")
+    print(f"\nMemKD-{options.method.upper()}, {config.data.dataset}/{config.data.category}, "
+          f"{config.model.backbone}, {config.data.image_size} px, {config.train.epochs} epochs, "
+          f"L={config.memory.slots}; teacher: {rows[0][5]}")
     print(f"{'temperature':>11}  {'student H':>9}  {'exemplar H':>10}  {'I-AUROC':>7}  {'P-AUROC':>7}")
     for temperature, student, exemplar, image, pixel, _ in rows:
         print(f"{temperature:>11g}  {student:>9.3f}  {exemplar:>10.3f}  {100 * image:>7.1f}  {100 * pixel:>7.1f}")

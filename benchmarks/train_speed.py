@@ -30,9 +30,9 @@ from torch.utils.data import Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from models.registry import method_name  # noqa: E402
-from models.build import build_model  # noqa: E402
+from engine.model import build_run_model  # noqa: E402
 from models.folding import inference_copy, scoring_through  # noqa: E402
-from engine.config import load_config  # noqa: E402
+from engine.config import RunSettings, load_config  # noqa: E402
 from utils.device import autocast, memory_format, select_device, to_device, tune_for  # noqa: E402
 from engine.feature_cache import TeacherFeatureCache  # noqa: E402
 from engine.training import build_optimizer  # noqa: E402
@@ -57,39 +57,44 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def speed_config(method: str, backbone: str, memory: bool, fast: bool, extra: list[str] = ()) -> dict[str, Any]:
-    """The run config of a variant: the engine's speed path (the teacher-feature cache; batch norms
-    folded for maps; ``train.channels_last`` as config.yaml or ``extra`` set it) or none of it."""
+def speed_config(method: str, backbone: str, memory: bool, fast: bool, extra: list[str] = ()) -> RunSettings:
+    """The run settings of a variant: the engine's speed path (the teacher-feature cache; batch norms
+    folded for maps; ``train.channels_last`` as config.yaml or ``extra`` set it) or none of it.
+    The speed path is on exactly when the cache is (:func:`on_speed_path`)."""
     config = load_config(method, [f"model.backbone={backbone}", "model.pretrained=false",
                                   f"memory.enabled={str(memory).lower()}", "data.num_workers=0", *extra])
-    config["train.feature_cache"] = "float32" if fast else "off"
-    if not fast:
-        config["train.channels_last"] = False
-    config["speed path"] = fast  # this benchmark's own flag: without it, nothing of utils/acceleration runs
-    return config
+    if fast:
+        return config.replace({"train.feature_cache": "float32"})
+    return config.replace({"train.feature_cache": "off", "train.channels_last": False})
 
 
-def step_functions(config: dict[str, Any], method: str, batch: int, size: int, device: torch.device,
+def on_speed_path(config: RunSettings) -> bool:
+    """Whether ``config`` is a speed-path variant of :func:`speed_config`."""
+    return config.train.feature_cache != "off"
+
+
+def step_functions(config: RunSettings, method: str, batch: int, size: int, device: torch.device,
                    compile_student: bool = False) -> tuple[Callable[[], None], Callable[[], None]]:
     """(one training step, one batch of anomaly maps) as the engine runs them for ``config``;
     ``compile_student`` runs the student through ``torch.compile``."""
-    config = {**config, "train.batch_size": batch}
-    model = build_model(method, config).to(device)
-    fast = config["speed path"]
+    config = config.replace({"train.batch_size": batch})
+    model = build_run_model(config).to(device)
+    fast = on_speed_path(config)
     tune_for(device)
     if compile_student:
         model.student.compile()
     dataset = RandomImages(batch, size)
-    images = to_device(dataset.images, config, device)
+    images = to_device(dataset.images, device, config.train.channels_last)
     indices = torch.arange(batch)
-    model.set_exemplars(images[: min(config["memory.exemplars"], batch)])
-    cache = TeacherFeatureCache.fill(model.teacher_features, dataset, model.teacher.channels, size, config, device,
-                                     lambda x: to_device(x, config, device))
-    optimizer = build_optimizer(model.trainable_parameters(), config)
+    model.set_exemplars(images[: min(config.memory.exemplars, batch)])
+    cache = TeacherFeatureCache.fill(model.teacher_features, dataset, model.teacher.channels, size, config.train,
+                                     config.data.num_workers, device,
+                                     lambda x: to_device(x, device, config.train.channels_last))
+    optimizer = build_optimizer(model.trainable_parameters(), config.train)
 
     def train_step() -> None:
         model.train()
-        with autocast(config, device):
+        with autocast(config.train.amp, device):
             teacher = cache.lookup(indices, images, model.teacher_features) if cache else None
             loss = model.loss(images, teacher)["loss"]
         optimizer.zero_grad(set_to_none=True)
@@ -99,14 +104,14 @@ def step_functions(config: dict[str, Any], method: str, batch: int, size: int, d
 
     # As engine/evaluation.py scores on the speed path: through folded copies of teacher and student
     # (folded_for_inference), made once per evaluated dataset there, so once here and reused.
-    layout = memory_format(config)
+    layout = memory_format(config.train.channels_last)
     scoring_student = inference_copy(model.student, layout) if fast else model.student
     scoring_teacher = inference_copy(model.teacher, layout) if fast else None
 
     @torch.no_grad()
     def map_step() -> None:
         model.eval()
-        with autocast(config, device), scoring_through(model, scoring_student, scoring_teacher):
+        with autocast(config.train.amp, device), scoring_through(model, scoring_student, scoring_teacher):
             model.anomaly_map(images).float().cpu()
 
     return train_step, map_step

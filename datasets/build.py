@@ -106,8 +106,6 @@ def build_datasets(
     categories) a UserError says what is wrong and how to fix it.
     """
     _check_name(dataset)
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
-        raise UserError(f"image_size must be an integer >= 8, got {image_size!r}")
     if not 0.0 <= float(val_fraction) < 1.0:
         raise UserError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
     root = Path(root).expanduser()

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from engine.config import keys_in_scope
+from engine.config import RunSettings, config_differences
 from utils.errors import UserError
 from utils.io import save_torch
 
@@ -38,11 +38,12 @@ def weights_digest(state: Mapping[str, Tensor]) -> str:
     return digest.hexdigest()
 
 
-def save_checkpoint(path: Path, *, method: str, config: dict[str, Any], student: nn.Module, fingerprint: str,
+def save_checkpoint(path: Path, *, settings: RunSettings, student: nn.Module, fingerprint: str,
                     data_digest: str, epoch: int, **extra: Any) -> Path:
-    """Atomically write a checkpoint; ``extra`` holds resume state."""
+    """Atomically write a checkpoint with the resolved config (``settings.flat()``); ``extra`` holds
+    resume state."""
     weights = student.state_dict()
-    state = {"format_version": FORMAT_VERSION, "method": method, "config": dict(config), "epoch": epoch,
+    state = {"format_version": FORMAT_VERSION, "method": settings.method, "config": settings.flat(), "epoch": epoch,
              "teacher_fingerprint": fingerprint, "data_digest": data_digest, "student": weights,
              "student_digest": weights_digest(weights), **extra}
     return save_torch(path, state)
@@ -82,20 +83,15 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
-def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """'key: saved -> current' for each training key that differs (evaluation and run keys may)."""
-    return [f"{k}={saved.get(k)!r} (checkpoint) vs {current[k]!r} (now)"
-            for k in keys_in_scope("train") if saved.get(k) != current[k]]
-
-
-def check_fits(state: dict[str, Any], path: Path, method: str, config: dict[str, Any], fingerprint: str,
+def check_fits(state: dict[str, Any], path: Path, settings: RunSettings, fingerprint: str,
                data_digest: str | None = None) -> None:
     """Refuse a checkpoint that was not made by this method, training config, teacher and (when
-    ``data_digest`` is given) training images, saying what differs."""
-    if state["method"] != method:
-        raise UserError(f"checkpoint {path} is for method '{state['method']}', not '{method}'; "
+    ``data_digest`` is given) training images, saying what differs. Evaluation and run keys may
+    differ, and so may keys this run does not read (Adam's betas in an SGD run)."""
+    if state["method"] != settings.method:
+        raise UserError(f"checkpoint {path} is for method '{state['method']}', not '{settings.method}'; "
                         f"use the other script or another output.dir")
-    differences = config_differences(state["config"], config)
+    differences = config_differences(state["config"], settings)
     if differences:
         more = f" and {len(differences) - 1} more" if len(differences) > 1 else ""
         raise UserError(f"checkpoint {path} was made with another config: {differences[0]}{more}; "

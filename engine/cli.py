@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Sequence
 
-from engine.config import SCHEMA, load_config
+from engine.config import SCHEMA, RunSettings, load_config
 from utils.errors import UserError, run_command
 
 USAGE = """usage: python {script} [override.yaml ...] [section.key=value ...] [--debug]
@@ -35,7 +35,7 @@ def main(method: str, argv: Sequence[str]) -> int:
             teardown()
 
 
-def run_categories(method: str, config: dict[str, Any]) -> list[dict[str, Any]] | None:
+def run_categories(settings: RunSettings) -> list[dict[str, Any]] | None:
     """Run the configured category, or every category of the dataset for ``data.category=all``.
 
     Under torchrun with ``train.parallel=categories`` every process walks the same list and trains
@@ -44,20 +44,20 @@ def run_categories(method: str, config: dict[str, Any]) -> list[dict[str, Any]] 
     summary is written once. Returns the results on rank 0 (and in a single process), else None.
     """
     from datasets.build import list_categories
+    from engine.records import finished_results, run_directory
+    from engine.run import run_category
     from utils.distributed import barrier, current_world, setup
-    from engine.run import finished_results, run_category, run_directory
-    from utils.errors import UserError
 
     world = current_world()
     device = setup(world)
-    if device is not None and config["train.device"] != "cpu":
-        config = {**config, "train.device": "cuda"}  # this rank's own GPU, made current by setup()
-    if config["data.category"] == "all":
-        categories = list_categories(config["data.dataset"], config["data.root"])
+    if device is not None and settings.train.device != "cpu":
+        settings = settings.replace({"train.device": "cuda"})  # this rank's own GPU, made current by setup()
+    if settings.data.category == "all":
+        categories = list_categories(settings.data.dataset, settings.data.root)
     else:
-        categories = [config["data.category"]]
-    by_category = world.size > 1 and config["train.parallel"] == "categories"
-    results = [run_category(method, config, category, world, skip_if_busy=by_category) for category in categories]
+        categories = [settings.data.category]
+    by_category = world.size > 1 and settings.train.parallel == "categories"
+    results = [run_category(settings, category, world, skip_if_busy=by_category) for category in categories]
     if not by_category:
         return results if world.is_main else None
     barrier()  # every category is finished, or held by a process outside this sweep
@@ -65,7 +65,7 @@ def run_categories(method: str, config: dict[str, Any]) -> list[dict[str, Any]] 
         return None
     gathered = []
     for category, mine in zip(categories, results):
-        found = mine or finished_results(run_directory(config, method, category), config)
+        found = mine or finished_results(run_directory(settings, category), settings)
         if found is None:
             raise UserError(f"category {category} was not finished by this sweep (its run folder was in use by "
                             "another process); rerun the same command when that process is done")
@@ -74,26 +74,25 @@ def run_categories(method: str, config: dict[str, Any]) -> list[dict[str, Any]] 
 
 
 def _run(method: str, args: list[str]) -> None:
-    config = load_config(method, args)
+    settings = load_config(method, args)
     # Imported here so that `--help` and config errors answer at once, before torch loads.
-    from models.registry import method_name
-    from engine.run import method_directory
-    from utils.io import write_json
+    from engine.records import SUMMARY_FILE, method_directory
     from engine.report import format_table, mean_row, write_summary
+    from utils.io import write_json
 
-    sweep = config["data.category"] == "all"
-    results = run_categories(method, config)
+    sweep = settings.data.category == "all"
+    results = run_categories(settings)
     if results is None:  # another rank of a torchrun world: rank 0 reports
         return None
-    name = method_name(method, config["memory.enabled"])
+    name, data = settings.method_name, settings.data
     print()
-    print(format_table(f"{name} on {config['data.dataset']} ({config['model.backbone']}, "
-                       f"{config['data.image_size']} px)", results, with_mean=sweep))
-    report, _ = write_summary(config["output.dir"])  # every method and dataset under output.dir, with this run
+    print(format_table(f"{name} on {data.dataset} ({settings.model.backbone}, {data.image_size} px)", results,
+                       with_mean=sweep))
+    report, _ = write_summary(settings.output.dir)  # every method and dataset under output.dir, with this run
     print(f"report: {report} (and summary.csv)")
     if sweep:
-        summary = method_directory(config, method) / "summary.json"
-        write_json(summary, {"method": name, "dataset": config["data.dataset"], "categories": results,
+        summary = method_directory(settings) / SUMMARY_FILE
+        write_json(summary, {"method": name, "dataset": data.dataset, "categories": results,
                              "mean": mean_row(results)})
         print(f"summary: {summary}")
     else:

@@ -9,13 +9,19 @@ on the command line (its top, then its own ``recipes.<script>`` block), then ``s
 Every key is declared in :data:`SCHEMA` with its type and allowed values (lists such as the
 backbones and datasets come from their registries), so an unknown key, a duplicated key, a key set
 in two places of one file, a wrong type or an out-of-range value is refused with one line naming
-it. The resolved config is a flat ``dict`` (``"train.lr" -> 0.4``) saved in every checkpoint.
+it. The result is a :class:`RunSettings`: frozen, typed, one dataclass per section
+(``settings.train.lr``), built and validated once; ``settings.flat()`` is the resolved mapping
+(``"train.lr" -> 0.4``) that every checkpoint and ``results.json`` keep.
+
+Each key is declared once, as a field of its section's dataclass (type, check, description);
+:data:`SCHEMA` is read off those fields. Nothing here imports torch, so ``--help`` and config
+errors answer at once.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import math
 import re
@@ -23,7 +29,8 @@ import re
 import yaml
 
 from datasets.registry import DATASET_NAMES
-from models.registry import BACKBONES, COMBINE_MODES, DISTILLATION_LOSSES, FUSION_MODES, MEMORY_STAGES, METHODS
+from models.registry import (BACKBONES, COMBINE_MODES, DISTILLATION_LOSSES, FUSION_MODES, MEMORY_STAGES, METHODS,
+                             MemoryStage, method_name)
 from utils.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -45,6 +52,16 @@ class Key:
     # What the key changes: "train" (what training computes: a checkpoint made with another value
     # does not fit), "eval" (only how a trained model is scored) or "run" (where or how fast).
     scope: str = "train"
+    # (key, value): the key is read only when that other key has that value (SGD's momentum);
+    # otherwise it is not part of the run: it resolves to None and never makes two runs differ.
+    read_when: tuple[str, Any] | None = None
+
+
+def setting(type_: type, doc: str, check: Callable[[Any], bool] | None = None, requirement: str = "",
+            choices: tuple[Any, ...] = (), nullable: bool = False, scope: str = "train",
+            read_when: tuple[str, Any] | None = None) -> Any:
+    """A field of a settings section, declaring its key. No default here: config.yaml holds them."""
+    return field(metadata={"key": Key(type_, doc, check, requirement, choices, nullable, scope, read_when)})
 
 
 def _positive(v: Any) -> bool:
@@ -74,83 +91,250 @@ _CATEGORY = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.+-]{0,99}")
 def _category(v: str) -> bool:
     return bool(_CATEGORY.fullmatch(v)) and ".." not in v
 
+# The one image-size rule (data.image_size, export.py's image_size): a multiple of 32 so every
+# stage (RD's bottleneck is at stride 32) tiles the image exactly; at least 64 so that bottleneck
+# keeps 2x2 positions, which BatchNorm needs for a batch of one; at most 1024 to bound memory.
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 64, 1024
+IMAGE_SIZE_RULE = f"a multiple of 32 from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE}"
+
+
+def valid_image_size(v: int) -> bool:
+    return MIN_IMAGE_SIZE <= v <= MAX_IMAGE_SIZE and v % 32 == 0
+
+
 MAX_SEED = 2**32 - 1  # torch and numpy seeds; per-epoch seeds derived from it stay within int64
 
 
-SCHEMA: dict[str, Key] = {
-    "phase": Key(str, "`train` trains, then evaluates the best checkpoint; `test` only evaluates the saved best "
-                      "checkpoint (with the current eval.* settings, leaving the training outputs as they are)",
-                 choices=("train", "test"), scope="run"),
-    "data.dataset": Key(str, "dataset layout", choices=DATASET_NAMES),
-    "data.root": Key(str, "folder that holds the dataset's category folders", scope="run"),
-    "data.category": Key(str, "one category (a plain folder name, no path), or `all` for every category in turn",
-                         _category, "a plain folder name of at most 100 letters, digits, spaces or _ . + -"),
-    # A multiple of 32 so every stage (RD's bottleneck is at stride 32) tiles the image exactly; at
-    # least 64 so that bottleneck keeps 2x2 positions, which BatchNorm needs for a batch of one.
-    "data.image_size": Key(int, "images (and masks) are resized to this square size; a multiple of 32 from 64 to 1024",
-                           lambda v: 64 <= v <= 1024 and v % 32 == 0, "a multiple of 32 from 64 to 1024"),
-    "data.val_fraction": Key(float, "share of the TRAIN normal images held out for model selection",
-                             lambda v: 0 <= v < 1, "in [0, 1)"),
-    "data.download": Key(bool, "download the dataset into data.root when it is missing (MVTec AD, VisA, BTAD, MVTec 3D-AD)",
-                         scope="run"),
-    "data.num_workers": Key(int, "DataLoader worker processes", _non_negative, ">= 0", scope="run"),
-    "model.backbone": Key(str, "teacher network (the ST student copies it)",
-                          choices=tuple(BACKBONES)),
-    "model.pretrained": Key(bool, "ImageNet teacher through torchvision's pinned IMAGENET1K_V1 weights; false = random init"),
-    "model.teacher_weights": Key(str, "local state_dict file for the teacher (overrides the download)", nullable=True),
-    "model.fallback_to_random": Key(bool, "if the ImageNet weights cannot be had, warn and use a random teacher instead of failing"),
-    "memory.enabled": Key(bool, "false gives the plain baseline (STPM or RD4AD): the paper's ablation"),
-    "memory.slots": Key(int, "L, the number of key/value pairs in each memory", _positive, "> 0"),
-    "memory.exemplars": Key(int, "N, the fixed exemplar set of normal training images", _positive, "> 0"),
-    "memory.temperature": Key(float, "softmax temperature over cosine similarities when reading the memory", _positive, "> 0"),
-    "memory.stages": Key(list, "where memories sit: teacher stages whose features are recalled (ST: 1, 2; RD: 3, 2) "
-                               "and, for RD, `bottleneck` (the one-class embedding)",
-                         _memory_stages, "a list of 1, 2, 3 or bottleneck, e.g. [1,2]"),
-    "memory.fusion": Key(str, "how a recalled feature joins the student: `concat` (concatenate, 1x1 conv, BN, ReLU: "
-                              "the paper) or `add` (residual sum)", choices=FUSION_MODES),
-    "loss.distillation": Key(str, "L_KD form: `stpm` (STPM's squared distance of normalised features per position) or "
-                                  "`rd4ad` (RD4AD's 1 - cosine of whole flattened feature maps)",
-                             choices=tuple(DISTILLATION_LOSSES)),
-    "loss.lambda1": Key(float, "weight of the normality embedding loss L_NM", _non_negative, ">= 0"),
-    "loss.lambda2": Key(float, "weight of the orthogonality loss L_Orth", _non_negative, ">= 0"),
-    "train.epochs": Key(int, "training epochs", _positive, "> 0"),
-    "train.batch_size": Key(int, "training batch size", _positive, "> 0"),
-    "train.optimizer": Key(str, "optimiser", choices=("sgd", "adam")),
-    "train.lr": Key(float, "learning rate", _positive, "> 0"),
-    "train.momentum": Key(float, "SGD momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
-    "train.betas": Key(list, "Adam betas", _betas, "two numbers in [0, 1), e.g. [0.5,0.999]"),
-    "train.weight_decay": Key(float, "weight decay", _non_negative, ">= 0"),
-    "train.scheduler": Key(str, "learning-rate schedule", choices=("constant", "cosine")),
-    "train.seed": Key(int, "seed for the split, the exemplar set, initialisation and shuffling",
-                      lambda v: 0 <= v <= MAX_SEED, f"from 0 to {MAX_SEED}"),
-    "train.resume": Key(bool, "continue an interrupted run from its last epoch, and skip categories already "
-                              "finished with the same config; false retrains from scratch", scope="run"),
-    "train.device": Key(str, "`auto` picks CUDA when present", choices=("auto", "cpu", "cuda"), scope="run"),
-    "train.amp": Key(bool, "bfloat16 autocast on CUDA (ignored on CPU)"),
+@dataclass(frozen=True)
+class DataSection:
+    """What is read: the dataset, its category, and how its images are sized and split."""
+
+    dataset: str = setting(str, "dataset layout", choices=DATASET_NAMES)
+    root: str = setting(str, "folder that holds the dataset's category folders", scope="run")
+    category: str = setting(str, "one category (a plain folder name, no path), or `all` for every category in turn",
+                            _category, "a plain folder name of at most 100 letters, digits, spaces or _ . + -")
+    image_size: int = setting(int, f"images (and masks) are resized to this square size; {IMAGE_SIZE_RULE}",
+                              valid_image_size, IMAGE_SIZE_RULE)
+    val_fraction: float = setting(float, "share of the TRAIN normal images held out for model selection",
+                                  lambda v: 0 <= v < 1, "in [0, 1)")
+    download: bool = setting(bool, "download the dataset into data.root when it is missing "
+                                   "(MVTec AD, VisA, BTAD, MVTec 3D-AD)", scope="run")
+    num_workers: int = setting(int, "DataLoader worker processes", _non_negative, ">= 0", scope="run")
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """The teacher network and where its weights come from."""
+
+    backbone: str = setting(str, "teacher network (the ST student copies it)", choices=tuple(BACKBONES))
+    pretrained: bool = setting(bool, "ImageNet teacher through torchvision's pinned IMAGENET1K_V1 weights; "
+                                     "false = random init")
+    teacher_weights: str | None = setting(str, "local state_dict file for the teacher (overrides the download)",
+                                          nullable=True)
+    fallback_to_random: bool = setting(bool, "if the ImageNet weights cannot be had, warn and use a random teacher "
+                                             "instead of failing")
+
+
+@dataclass(frozen=True)
+class MemorySection:
+    """The Normality Recall memories; ``enabled=False`` is the STPM / RD4AD baseline."""
+
+    enabled: bool = setting(bool, "false gives the plain baseline (STPM or RD4AD): the paper's ablation")
+    slots: int = setting(int, "L, the number of key/value pairs in each memory", _positive, "> 0")
+    exemplars: int = setting(int, "N, the fixed exemplar set of normal training images", _positive, "> 0")
+    temperature: float = setting(float, "softmax temperature over cosine similarities when reading the memory",
+                                 _positive, "> 0")
+    stages: tuple[MemoryStage, ...] = setting(list, "where memories sit: teacher stages whose features are recalled "
+                                                    "(ST: 1, 2; RD: 3, 2) and, for RD, `bottleneck` (the one-class "
+                                                    "embedding)", _memory_stages,
+                                              "a list of 1, 2, 3 or bottleneck, e.g. [1,2]")
+    fusion: str = setting(str, "how a recalled feature joins the student: `concat` (concatenate, 1x1 conv, BN, ReLU: "
+                               "the paper) or `add` (residual sum)", choices=FUSION_MODES)
+
+
+@dataclass(frozen=True)
+class LossSection:
+    """L = L_KD + lambda1 L_NM + lambda2 L_Orth."""
+
+    distillation: str = setting(str, "L_KD form: `stpm` (STPM's squared distance of normalised features per "
+                                     "position) or `rd4ad` (RD4AD's 1 - cosine of whole flattened feature maps)",
+                                choices=DISTILLATION_LOSSES)
+    lambda1: float = setting(float, "weight of the normality embedding loss L_NM", _non_negative, ">= 0")
+    lambda2: float = setting(float, "weight of the orthogonality loss L_Orth", _non_negative, ">= 0")
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    """How the student is fitted, and where and how fast that runs."""
+
+    epochs: int = setting(int, "training epochs", _positive, "> 0")
+    batch_size: int = setting(int, "training batch size", _positive, "> 0")
+    optimizer: str = setting(str, "optimiser", choices=("sgd", "adam"))
+    lr: float = setting(float, "learning rate", _positive, "> 0")
+    momentum: float | None = setting(float, "SGD momentum (read only with train.optimizer=sgd)",
+                                     lambda v: 0 <= v < 1, "in [0, 1)", read_when=("train.optimizer", "sgd"))
+    betas: tuple[float, float] | None = setting(list, "Adam betas (read only with train.optimizer=adam)", _betas,
+                                                "two numbers in [0, 1), e.g. [0.5,0.999]",
+                                                read_when=("train.optimizer", "adam"))
+    weight_decay: float = setting(float, "weight decay", _non_negative, ">= 0")
+    scheduler: str = setting(str, "learning-rate schedule", choices=("constant", "cosine"))
+    seed: int = setting(int, "seed for the split, the exemplar set, initialisation and shuffling",
+                        lambda v: 0 <= v <= MAX_SEED, f"from 0 to {MAX_SEED}")
+    resume: bool = setting(bool, "continue an interrupted run from its last epoch, and skip categories already "
+                                 "finished with the same config; false retrains from scratch", scope="run")
+    device: str = setting(str, "`auto` picks CUDA when present", choices=("auto", "cpu", "cuda"), scope="run")
+    amp: bool = setting(bool, "bfloat16 autocast on CUDA (ignored on CPU)")
     # Speed only. float16 and channels_last change what is computed, so they are training
     # settings; the budget only moves which images stream, which a finished run does not depend on.
-    "train.feature_cache": Key(str, "teacher features of the training images computed once per run and kept in memory: "
-                                    "`float32` (bit-identical to recomputing them for full batches; a smaller last batch "
-                                    "rounds differently), `float16` (half the memory, features rounded) or `off` (the teacher "
-                                    "runs in every step)", choices=FEATURE_CACHE_CHOICES),
-    "train.cache_budget_mb": Key(int, "memory the teacher-feature cache may take, in MiB (on the training device); "
-                                      "images past it are streamed through the teacher in every step",
-                                 _non_negative, ">= 0", scope="run"),
-    "train.channels_last": Key(bool, "channels-last memory layout for images and features: faster convolutions, "
-                                      "but on CPU a MobileNetV2 student's gradients change beyond float rounding"),
-    "train.parallel": Key(str, "under torchrun: `categories` (each process trains whole categories of a sweep) or "
-                               "`data` (the processes share each batch of one category, gradients averaged)",
-                          choices=("categories", "data"), scope="run"),
-    "eval.batch_size": Key(int, "evaluation batch size", _positive, "> 0", scope="run"),
-    "eval.combine": Key(str, "how per-layer maps make the anomaly map: `product` (STPM's) or `sum` (RD4AD's)",
-                        choices=COMBINE_MODES, scope="eval"),
-    "eval.sigma": Key(float, "Gaussian smoothing of the anomaly map in pixels (0: none, as STPM; 4: RD4AD)",
-                      lambda v: 0 <= v <= 32, "from 0 to 32", scope="eval"),
-    "eval.max_pictures": Key(int, "rows of examples.png (best and worst test cases) in each run folder, "
-                                  "drawn with roc.png; 0 draws no pictures", _non_negative, ">= 0", scope="run"),
-    "output.dir": Key(str, "results go to {output.dir}/{method}/{dataset}/{category}/ (`~` is expanded)",
-                      lambda v: bool(v.strip()), "a folder path, not empty", scope="run"),
-}
+    feature_cache: str = setting(str, "teacher features of the training images computed once per run and kept in "
+                                      "memory: `float32` (bit-identical to recomputing them for full batches; a "
+                                      "smaller last batch rounds differently), `float16` (half the memory, features "
+                                      "rounded) or `off` (the teacher runs in every step)",
+                                 choices=FEATURE_CACHE_CHOICES)
+    cache_budget_mb: int = setting(int, "memory the teacher-feature cache may take, in MiB (on the training device); "
+                                        "images past it are streamed through the teacher in every step",
+                                   _non_negative, ">= 0", scope="run")
+    channels_last: bool = setting(bool, "channels-last memory layout for images and features: faster convolutions, "
+                                        "but on CPU a MobileNetV2 student's gradients change beyond float rounding")
+    parallel: str = setting(str, "under torchrun: `categories` (each process trains whole categories of a sweep) or "
+                                 "`data` (the processes share each batch of one category, gradients averaged)",
+                            choices=("categories", "data"), scope="run")
+
+
+@dataclass(frozen=True)
+class EvalSection:
+    """How a trained model is scored: changeable without retraining (``phase=test``)."""
+
+    batch_size: int = setting(int, "evaluation batch size", _positive, "> 0", scope="run")
+    combine: str = setting(str, "how per-layer maps make the anomaly map: `product` (STPM's) or `sum` (RD4AD's)",
+                           choices=COMBINE_MODES, scope="eval")
+    sigma: float = setting(float, "Gaussian smoothing of the anomaly map in pixels (0: none, as STPM; 4: RD4AD)",
+                           lambda v: 0 <= v <= 32, "from 0 to 32", scope="eval")
+    max_pictures: int = setting(int, "rows of examples.png (best and worst test cases) in each run folder, drawn "
+                                     "with roc.png; 0 draws no pictures", _non_negative, ">= 0", scope="run")
+
+
+@dataclass(frozen=True)
+class OutputSection:
+    """Where results go."""
+
+    dir: str = setting(str, "results go to {output.dir}/{method}/{dataset}/{category}/ (`~` is expanded)",
+                       lambda v: bool(v.strip()), "a folder path, not empty", scope="run")
+
+
+SECTIONS: dict[str, type] = {"data": DataSection, "model": ModelSection, "memory": MemorySection,
+                             "loss": LossSection, "train": TrainSection, "eval": EvalSection, "output": OutputSection}
+_PHASE = setting(str, "`train` trains, then evaluates the best checkpoint; `test` only evaluates the saved best "
+                      "checkpoint (with the current eval.* settings, leaving the training outputs as they are)",
+                 choices=("train", "test"), scope="run")
+# Every key, read off the declarations above: "phase", then "section.name" in declaration order.
+SCHEMA: dict[str, Key] = {"phase": _PHASE.metadata["key"],
+                          **{f"{name}.{f.name}": f.metadata["key"]
+                             for name, section_type in SECTIONS.items() for f in fields(section_type)}}
+_EXAMPLES = {"train.momentum": "0.9", "train.betas": "[0.9,0.999]"}
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """One run's resolved configuration: the script's method, the phase, and every section.
+
+    Built by :func:`load_config` (or :meth:`from_flat` for a saved mapping), validated once, never
+    changed; :meth:`replace` gives a new, validated one.
+    """
+
+    method: str  # "st" (trainRM_ST.py) or "rd" (trainRM_RD.py): the script, not a key
+    phase: str
+    data: DataSection
+    model: ModelSection
+    memory: MemorySection
+    loss: LossSection
+    train: TrainSection
+    eval: EvalSection
+    output: OutputSection
+
+    @property
+    def method_name(self) -> str:
+        """'MemKD-ST', 'STPM', 'MemKD-RD' or 'RD4AD'."""
+        return method_name(self.method, self.memory.enabled)
+
+    def flat(self) -> dict[str, Any]:
+        """The resolved mapping, ``{"phase": ..., "data.dataset": ..., ...}`` in :data:`SCHEMA` order
+        with lists as lists: what checkpoints and results.json keep."""
+        flat: dict[str, Any] = {"phase": self.phase}
+        for name in SECTIONS:
+            section = getattr(self, name)
+            for f in fields(section):
+                value = getattr(section, f.name)
+                flat[f"{name}.{f.name}"] = list(value) if isinstance(value, tuple) else value
+        return flat
+
+    def scope(self, scope: str) -> dict[str, Any]:
+        """The keys of ``scope`` ("train", "eval" or "run") that this run reads, with their values."""
+        flat = self.flat()
+        return {key: flat[key] for key in keys_in_scope(scope) if _is_read(key, flat)}
+
+    def replace(self, changes: Mapping[str, Any]) -> "RunSettings":
+        """These settings with ``changes`` (dotted keys to values) applied and validated again."""
+        unknown = [k for k in changes if k not in SCHEMA]
+        if unknown:
+            raise UserError(f"unknown config key '{unknown[0]}'; {_near(unknown[0])}")
+        return RunSettings.from_flat(self.method, {**self.flat(), **changes})
+
+    @classmethod
+    def from_flat(cls, method: str, flat: Mapping[str, Any]) -> "RunSettings":
+        """Validate a complete flat mapping (load_config's, or one read back from a checkpoint).
+
+        A key the run does not read (``Key.read_when``) may be absent; it resolves to None.
+        """
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}")
+        unknown = [k for k in flat if k not in SCHEMA]
+        if unknown:
+            raise UserError(f"unknown config key '{unknown[0]}'; {_near(unknown[0])}")
+        values: dict[str, Any] = {}
+        for key, spec in SCHEMA.items():
+            if spec.read_when is None:
+                if key not in flat:
+                    raise UserError(f"config key '{key}' has no value; add it to config.yaml (at the top, "
+                                    f"or in recipes.{method})")
+                values[key] = check_value(key, flat[key])
+        for key, spec in SCHEMA.items():
+            if spec.read_when is not None:
+                other, wanted = spec.read_when
+                given = None if flat.get(key) is None else check_value(key, flat[key])  # a typo is refused anyway
+                if values[other] != wanted:
+                    values[key] = None  # not read by this run, so not part of it
+                elif given is None:
+                    raise UserError(f"{other}={wanted} reads config key '{key}', which has no value; give it, "
+                                    f"e.g. {key}={_EXAMPLES[key]}")
+                else:
+                    values[key] = given
+        values["output.dir"] = str(Path(values["output.dir"]).expanduser())
+        _check_memory_stages(method, values)
+        sections = {name: section_type(**{f.name: _frozen(values[f"{name}.{f.name}"]) for f in fields(section_type)})
+                    for name, section_type in SECTIONS.items()}
+        return cls(method, values["phase"], **sections)
+
+
+def _frozen(value: Any) -> Any:
+    """Lists become tuples, so that frozen settings hold no mutable value."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _is_read(key: str, flat: Mapping[str, Any]) -> bool:
+    """Whether a run with the settings ``flat`` reads ``key`` (SGD's momentum is not read by Adam)."""
+    condition = SCHEMA[key].read_when
+    return condition is None or flat.get(condition[0]) == condition[1]
+
+
+def _check_memory_stages(method: str, values: Mapping[str, Any]) -> None:
+    """memory.stages must be distinct places where this script's student can hold a memory."""
+    if not values["memory.enabled"]:
+        return
+    stages, allowed = list(values["memory.stages"]), MEMORY_STAGES[method]
+    if not stages or len(set(stages)) != len(stages) or any(s not in allowed for s in stages):
+        raise UserError(f"memory.stages={stages} does not fit trainRM_{method.upper()}.py; give distinct "
+                        f"places among {list(allowed)}, or memory.enabled=false for no memory")
 
 
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list"}
@@ -176,7 +360,10 @@ def _sections() -> str:
     return ", ".join(sorted({k.split(".")[0] for k in SCHEMA}))
 
 
-def _near(key: str) -> str:
+def _near(key: str, schema: Mapping[str, Key] | None = None) -> str:
+    """What the user may have meant: the keys of the same section, or every key a program takes."""
+    if schema is not None and schema is not SCHEMA:
+        return f"the keys are {', '.join(schema)}"
     section = key.split(".")[0]
     same = [k for k in SCHEMA if k.split(".")[0] == section]
     return f"keys of '{section}': {', '.join(same)}" if same else f"known sections: {_sections()}"
@@ -237,13 +424,16 @@ def _read_layer(path: Path, method: str) -> dict[str, Any]:
     return {**top, **recipe}
 
 
-def _coerce(key: str, value: Any) -> Any:
-    """Check one value against the schema, accepting ints where floats are expected."""
-    spec = SCHEMA[key]
+def check_value(key: str, value: Any, schema: Mapping[str, Key] | None = None) -> Any:
+    """``value`` checked against ``key``'s declaration in ``schema`` (the config's by default), accepting
+    ints where floats are expected; UserError naming the key when it does not fit."""
+    schema = SCHEMA if schema is None else schema
+    spec = schema[key]
+    what = f"config key '{key}'" if schema is SCHEMA else f"{key}"
     if value is None:
         if spec.nullable:
             return None
-        raise UserError(f"config key '{key}' must not be empty; give {_TYPE_NAMES[spec.type]}")
+        raise UserError(f"{what} must not be empty; give {_TYPE_NAMES[spec.type]}")
     if spec.type is float and isinstance(value, str):
         # YAML 1.1 reads 1e-3 (no dot) as a string; Python reads it as the number the user meant.
         try:
@@ -253,63 +443,59 @@ def _coerce(key: str, value: Any) -> Any:
     if spec.type is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if spec.type is float and isinstance(value, float) and not math.isfinite(value):
-        raise UserError(f"config key '{key}' is {value!r}; give a finite number")
+        raise UserError(f"{what} is {value!r}; give a finite number")
     if spec.type is str and isinstance(value, int) and not isinstance(value, bool):
         value = str(value)  # YAML reads a category such as 01 as a number
     if (spec.type is int and isinstance(value, bool)) or not isinstance(value, spec.type):
         got = type(value).__name__
-        raise UserError(f"config key '{key}' must be {_TYPE_NAMES[spec.type]}, got {got} {value!r}")
+        raise UserError(f"{what} must be {_TYPE_NAMES[spec.type]}, got {got} {value!r}")
     if spec.choices and value not in spec.choices:
-        raise UserError(f"config key '{key}' is {value!r}; choose one of {', '.join(map(str, spec.choices))}")
+        raise UserError(f"{what} is {value!r}; choose one of {', '.join(map(str, spec.choices))}")
     if spec.check is not None and not spec.check(value):
-        raise UserError(f"config key '{key}' is {value!r} but must be {spec.requirement}")
+        raise UserError(f"{what} is {value!r} but must be {spec.requirement}")
     return value
 
 
-def _parse_override(arg: str) -> tuple[str, Any]:
+def parse_override(arg: str, schema: Mapping[str, Key] | None = None) -> tuple[str, Any]:
+    """``(key, value)`` of one ``key=value`` argument, the value read as YAML unless ``key`` holds a
+    string; the one parser of the training scripts, predict.py and export.py. ``schema`` (the
+    config's by default) says which keys exist; the value is checked later, with the others.
+    UserError for a malformed argument or an unknown key."""
+    schema = SCHEMA if schema is None else schema
     key, sep, text = arg.partition("=")
     key = key.strip().removeprefix("--")
     if not sep or not key:
-        raise UserError(f"cannot read argument '{arg}'; write overrides as section.key=value, e.g. train.epochs=10")
-    if key not in SCHEMA:
-        raise UserError(f"unknown config key '{key}'; {_near(key)}")
-    if SCHEMA[key].type is str:
+        form = "overrides as section.key=value, e.g. train.epochs=10" if schema is SCHEMA else \
+            f"key=value, e.g. {next(iter(schema))}=..."
+        raise UserError(f"cannot read argument '{arg}'; write {form}")
+    if key not in schema:
+        raise UserError(f"unknown {'config key' if schema is SCHEMA else 'argument'} '{key}'; {_near(key, schema)}")
+    if schema[key].type is str:
         # A category called "01" or a path called "true" must stay a string.
-        return key, None if text in ("null", "~", "") and SCHEMA[key].nullable else text
+        return key, None if text in ("null", "~", "") and schema[key].nullable else text
     try:
         return key, yaml.safe_load(text)
     except yaml.YAMLError:
         raise UserError(f"cannot read the value of '{key}': {text!r}") from None
 
 
-def load_config(method: str, args: Iterable[str] = (), base: Path | str = DEFAULT_CONFIG) -> dict[str, Any]:
-    """Resolve the configuration for ``method`` ("st" or "rd") from the YAML files and ``args``.
+def load_config(method: str, args: Iterable[str] = (), base: Path | str = DEFAULT_CONFIG) -> RunSettings:
+    """Resolve the settings of ``method`` ("st" or "rd") from the YAML files and ``args``.
 
     ``args`` may hold ``*.yaml`` override files and ``section.key=value`` overrides, in order.
-    Returns a flat dict holding every key of :data:`SCHEMA`, validated, ``output.dir`` with ``~``
-    expanded. Raises UserError naming the key on any unknown, duplicated or doubly placed key,
-    wrong type or out-of-range value.
+    Raises UserError naming the key on any unknown, duplicated or doubly placed key, missing,
+    wrong-typed or out-of-range value.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}")
-    base = Path(base)
-    flat = _read_layer(base, method)
+    flat = _read_layer(Path(base), method)
     for arg in args:
         if arg.endswith((".yaml", ".yml")) and "=" not in arg:
             flat.update(_read_layer(Path(arg), method))
         else:
-            key, value = _parse_override(arg)
+            key, value = parse_override(arg)
             flat[key] = value
-    missing = [k for k in SCHEMA if k not in flat]
-    if missing:
-        raise UserError(f"config key '{missing[0]}' has no value; add it to {base.name} (at the top, "
-                        f"or in recipes.{method})")
-    return _finish({k: _coerce(k, flat[k]) for k in SCHEMA})
-
-
-def _finish(config: dict[str, Any]) -> dict[str, Any]:
-    config["output.dir"] = str(Path(config["output.dir"]).expanduser())
-    return config
+    return RunSettings.from_flat(method, flat)
 
 
 def keys_in_scope(scope: str) -> tuple[str, ...]:
@@ -317,12 +503,8 @@ def keys_in_scope(scope: str) -> tuple[str, ...]:
     return tuple(k for k, spec in SCHEMA.items() if spec.scope == scope)
 
 
-def validate(config: dict[str, Any]) -> dict[str, Any]:
-    """Check a flat config (e.g. one read back from a checkpoint) against the schema."""
-    unknown = [k for k in config if k not in SCHEMA]
-    if unknown:
-        raise UserError(f"unknown config key '{unknown[0]}'")
-    missing = [k for k in SCHEMA if k not in config]
-    if missing:
-        raise UserError(f"config key '{missing[0]}' has no value")
-    return _finish({k: _coerce(k, config[k]) for k in SCHEMA})
+def config_differences(saved: Mapping[str, Any], current: RunSettings, scope: str = "train") -> list[str]:
+    """'key=saved (checkpoint) vs current (now)' for each key of ``scope`` that ``current`` reads
+    and that differs from the ``saved`` mapping (a checkpoint's or results.json's)."""
+    return [f"{k}={saved.get(k)!r} (checkpoint) vs {value!r} (now)"
+            for k, value in current.scope(scope).items() if saved.get(k) != value]

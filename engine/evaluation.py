@@ -7,7 +7,6 @@ therefore change and a model be re-evaluated without retraining.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,10 +14,13 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from models.memkd import MemKD
-from models.anomaly_map import MapSettings, image_scores
+from models.anomaly_map import image_scores
 from models.folding import folded_for_inference
 from engine.checkpoint import check_fits, load_checkpoint, load_student
-from engine.config import keys_in_scope
+from datasets.build import DatasetSplits
+from engine.config import RunSettings
+from engine.model import map_settings
+from engine.records import Run
 from utils.device import autocast, make_loader, memory_format, to_device
 from utils.errors import UserError
 from utils.metrics import evaluate_all, threshold_from_normal_scores
@@ -30,14 +32,16 @@ NORMAL_SCORE_QUANTILE = 0.99
 
 
 @torch.no_grad()
-def anomaly_maps(model: MemKD, dataset: Dataset, config: dict[str, Any], device: torch.device,
+def anomaly_maps(model: MemKD, dataset: Dataset, settings: RunSettings, device: torch.device,
                  desc: str = "evaluate") -> dict[str, torch.Tensor]:
     """Anomaly maps [N, H, W] (CPU) for a dataset, computed in batches, with masks and labels."""
     model.eval()
     maps, masks, labels, has_mask = [], [], [], []
-    with autocast(config, device), folded_for_inference(model, memory_format(config)):
-        for batch in tqdm(make_loader(dataset, config["eval.batch_size"], config, device), desc=desc, leave=False, disable=None):
-            maps.append(model.anomaly_map(to_device(batch["image"], config, device)).float().cpu())
+    channels_last = settings.train.channels_last
+    loader = make_loader(dataset, settings.eval.batch_size, settings.data.num_workers, device)
+    with autocast(settings.train.amp, device), folded_for_inference(model, memory_format(channels_last)):
+        for batch in tqdm(loader, desc=desc, leave=False, disable=None):
+            maps.append(model.anomaly_map(to_device(batch["image"], device, channels_last)).float().cpu())
             masks.append(batch["mask"][:, 0])
             labels.append(torch.as_tensor(batch["label"]))
             has_mask.append(torch.as_tensor(batch["has_mask"]))
@@ -45,36 +49,36 @@ def anomaly_maps(model: MemKD, dataset: Dataset, config: dict[str, Any], device:
             "has_mask": torch.cat(has_mask)}
 
 
-def evaluate(model: MemKD, splits: Any, config: dict[str, Any],
+def evaluate(model: MemKD, splits: DatasetSplits, settings: RunSettings,
              device: torch.device) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """All metrics on the test split, plus the deployment threshold from validation normal images;
     and the test split's :func:`anomaly_maps`, for the pictures."""
-    test = anomaly_maps(model, splits.test, config, device)
+    test = anomaly_maps(model, splits.test, settings, device)
     metrics = evaluate_all(image_scores(test["maps"]), test["labels"], test["maps"], test["masks"], test["has_mask"])
     if len(splits.val):
-        val_scores = image_scores(anomaly_maps(model, splits.val, config, device, desc="validation scores")["maps"])
+        val_scores = image_scores(anomaly_maps(model, splits.val, settings, device, desc="validation scores")["maps"])
         metrics["normal_threshold"] = threshold_from_normal_scores(val_scores, NORMAL_SCORE_QUANTILE)
     return metrics, test
 
 
-def evaluate_checkpoint(model: MemKD, method: str, splits: Any, config: dict[str, Any], run_dir: Path,
-                        device: torch.device, data_digest: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Score ``run_dir/best.pt`` with the ``eval.*`` settings of ``config``: load it (checked against
-    this method, training config, teacher and data), compute every metric, write
-    ``evaluation.json`` and the pictures. Returns ``(metrics with timings, the checkpoint)``."""
-    best_path = run_dir / "best.pt"
+def evaluate_checkpoint(model: MemKD, splits: DatasetSplits, run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Score the run's ``best.pt`` with its ``eval.*`` settings: load it (checked against this
+    method, training config, teacher and data), compute every metric, write ``evaluation.json``
+    and the pictures. Returns ``(metrics with timings, the checkpoint)``."""
+    settings = run.settings
+    best_path = run.folder / "best.pt"
     best = load_checkpoint(best_path)
-    check_fits(best, best_path, method, config, model.teacher_fingerprint, data_digest)
+    check_fits(best, best_path, settings, model.teacher_fingerprint, run.data_digest)
     load_student(model, best, best_path)
-    model.map_settings = MapSettings.from_config(config)
+    model.map_settings = map_settings(settings)
     started = time.perf_counter()
-    metrics, test = evaluate(model, splits, config, device)
+    metrics, test = evaluate(model, splits, settings, run.device)
     metrics["eval_seconds"] = round(time.perf_counter() - started, 2)
     if not bool(torch.isfinite(test["maps"]).all()):  # metrics and thresholds of nan maps would be noise
         raise UserError(f"{best_path} gives non-finite anomaly maps; retrain with train.resume=false")
     thresholds = thresholds_from(metrics, test["maps"])
-    write_evaluation(best_path, best, {k: config[k] for k in keys_in_scope("eval")}, thresholds)
+    write_evaluation(best_path, best, settings.scope("eval"), thresholds)
     started = time.perf_counter()
-    save_pictures(run_dir, splits.test, test, metrics, thresholds, config["eval.max_pictures"])
+    save_pictures(run.folder, splits.test, test, metrics, thresholds, settings.eval.max_pictures)
     metrics["picture_seconds"] = round(time.perf_counter() - started, 2)
     return metrics, best

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
+from engine.config import TrainSection
 from utils.device import autocast, make_loader
 from utils.errors import UserError
 
@@ -84,32 +85,32 @@ class TeacherFeatureCache:
 
     @classmethod
     def fill(cls, teacher: TeacherFn, dataset: Dataset, channels: tuple[int, ...], image_size: int,
-             config: dict[str, Any], device: torch.device,
+             train: TrainSection, workers: int, device: torch.device,
              to_device: Callable[[Tensor], Tensor]) -> "TeacherFeatureCache | None":
         """The cache of ``train.feature_cache`` for ``dataset`` (None when it is ``off``).
 
-        ``to_device`` puts a CPU batch of images where and how training puts it. As many images
-        as ``train.cache_budget_mb`` holds are computed now, in dataset order; the rest stream.
+        ``to_device`` puts a CPU batch of images where and how training puts it; ``workers`` load
+        them. As many images as ``train.cache_budget_mb`` holds are computed now, in batches of
+        ``train.batch_size`` in dataset order; the rest stream.
         """
-        choice = config["train.feature_cache"]
-        if choice == "off":
+        if train.feature_cache == "off":
             return None
-        dtype = CACHE_DTYPES[choice]
-        budget_mb = config["train.cache_budget_mb"]
+        dtype = CACHE_DTYPES[train.feature_cache]
+        budget_mb = train.cache_budget_mb
         per_image = feature_bytes_per_image(channels, image_size, dtype)
         total = len(dataset)  # type: ignore[arg-type]
         cache = cls(dtype, min(total, budget_mb * 2**20 // per_image), per_image, total, budget_mb)
         if cache.capacity:
-            cache._compute(teacher, Subset(dataset, range(cache.capacity)), config, device, to_device)
+            cache._compute(teacher, Subset(dataset, range(cache.capacity)), train.batch_size, workers, train.amp,
+                           device, to_device)
         return cache
 
     @torch.no_grad()
-    def _compute(self, teacher: TeacherFn, dataset: Dataset, config: dict[str, Any], device: torch.device,
-                 to_device: Callable[[Tensor], Tensor]) -> None:
-        batch_size = config["train.batch_size"]
+    def _compute(self, teacher: TeacherFn, dataset: Dataset, batch_size: int, workers: int, amp: bool,
+                 device: torch.device, to_device: Callable[[Tensor], Tensor]) -> None:
         done = 0
-        with autocast(config, device):
-            for batch in make_loader(dataset, batch_size, config, device):
+        with autocast(amp, device):
+            for batch in make_loader(dataset, batch_size, workers, device):
                 images = to_device(batch["image"])
                 count = len(images)
                 if count < batch_size:

@@ -19,12 +19,13 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from utils.errors import UserError
 from utils.io import write_json
+
+if TYPE_CHECKING:
+    import torch
 
 THRESHOLD_KEYS: tuple[str, ...] = ("normal_threshold", "image_f1_threshold", "pixel_f1_threshold", "map_low")
 # predict.py's threshold=... choices and the key each one reads.

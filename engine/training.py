@@ -9,19 +9,21 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from datasets.build import DatasetSplits
 from datasets.samples import AnomalyDataset
 from models.memkd import MemKD
 from engine.checkpoint import check_fits, load_checkpoint, load_student, save_checkpoint
+from engine.config import RunSettings, TrainSection
 from utils.device import autocast, make_loader, to_device, tune_for
-from utils.distributed import ShardedBatches, World, all_finite, average_gradients, broadcast_buffers
+from utils.distributed import all_finite, average_gradients, broadcast_buffers
 from utils.errors import UserError
 from engine.feature_cache import IndexedDataset, TeacherFeatureCache
+from engine.records import Run
 
 
 @dataclass
@@ -56,7 +58,7 @@ def exemplar_files(dataset: AnomalyDataset, indices: list[int], root: str) -> li
     return names
 
 
-def _check_same_exemplars(saved: dict[str, Any], path: Path, indices: list[int], files: list[str]) -> None:
+def _check_same_exemplars(saved: dict, path: Path, indices: list[int], files: list[str]) -> None:
     """Refuse to resume when ``last.pt`` was trained with another exemplar set than this run draws.
 
     The draw depends on the seed, memory.exemplars and the training split; the first two are in the
@@ -85,59 +87,57 @@ def _diverged(what: str, epoch: int, step: int, finished: int, last_path: Path) 
                      "with train.resume=false, or check the training images")
 
 
-def build_optimizer(parameters: list[torch.nn.Parameter], config: dict[str, Any]) -> torch.optim.Optimizer:
+def build_optimizer(parameters: list[torch.nn.Parameter], train: TrainSection) -> torch.optim.Optimizer:
     """SGD (STPM recipe) or Adam (RD4AD recipe) as configured."""
-    if config["train.optimizer"] == "sgd":
-        return torch.optim.SGD(parameters, lr=config["train.lr"], momentum=config["train.momentum"],
-                               weight_decay=config["train.weight_decay"])
-    return torch.optim.Adam(parameters, lr=config["train.lr"], betas=tuple(config["train.betas"]),
-                            weight_decay=config["train.weight_decay"])
+    if train.optimizer == "sgd":
+        return torch.optim.SGD(parameters, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
+    return torch.optim.Adam(parameters, lr=train.lr, betas=train.betas, weight_decay=train.weight_decay)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, config: dict[str, Any]) -> torch.optim.lr_scheduler.LRScheduler:
+def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainSection) -> torch.optim.lr_scheduler.LRScheduler:
     """Constant learning rate (both papers) or cosine decay over the configured epochs."""
-    if config["train.scheduler"] == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config["train.epochs"])
+    if train.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=train.epochs)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
 
 
 @torch.no_grad()
-def validation_error(model: MemKD, dataset: Dataset, config: dict[str, Any], device: torch.device) -> float:
+def validation_error(model: MemKD, dataset: Dataset, settings: RunSettings, device: torch.device) -> float:
     """Mean L_KD over held-out normal TRAIN images; the student is back in train mode afterwards."""
     model.eval()
     total, count = 0.0, 0
-    with autocast(config, device):
-        for batch in make_loader(dataset, config["eval.batch_size"], config, device):
-            images = to_device(batch["image"], config, device)
+    with autocast(settings.train.amp, device):
+        for batch in make_loader(dataset, settings.eval.batch_size, settings.data.num_workers, device):
+            images = to_device(batch["image"], device, settings.train.channels_last)
             total += model.distillation_error(images).item() * len(images)
             count += len(images)
     model.train()
     return total / max(count, 1)
 
 
-def _train_one_epoch(model: MemKD, optimizer: torch.optim.Optimizer, loader: DataLoader, config: dict[str, Any],
-                     device: torch.device, epoch: int, state: TrainingState, last_path: Path,
-                     world: World = World(), cache: TeacherFeatureCache | None = None) -> dict[str, float]:
+def _train_one_epoch(model: MemKD, optimizer: torch.optim.Optimizer, loader: DataLoader, run: Run, epoch: int,
+                     state: TrainingState, cache: TeacherFeatureCache | None = None) -> dict[str, float]:
     """One pass over the training images (batches of IndexedDataset items); the mean of every
     logged loss term over its steps. Teacher features come from ``cache`` when there is one.
 
     In a data-parallel world each rank sees its share of every batch and the gradients are
     averaged before the step, so every rank takes the same step (utils/distributed.py).
     """
+    train = run.settings.train
     sums: dict[str, float] = {}
     steps = 0
-    for step, batch in enumerate(tqdm(loader, desc=f"epoch {epoch}/{config['train.epochs']}", leave=False,
-                                      disable=None), start=1):
-        images = to_device(batch["image"], config, device)
-        with autocast(config, device):
+    for step, batch in enumerate(tqdm(loader, desc=f"epoch {epoch}/{train.epochs}", leave=False, disable=None),
+                                 start=1):
+        images = to_device(batch["image"], run.device, train.channels_last)
+        with autocast(train.amp, run.device):
             teacher = cache.lookup(batch["index"], images, model.teacher_features) if cache else None
             losses = model.loss(images, teacher)
         loss_value = losses["loss"].item()
-        if not all_finite(loss_value, world):  # every rank stops together, never one left waiting
-            raise _diverged(f"the loss became {loss_value}", epoch, step, state.epoch, last_path)
+        if not all_finite(loss_value, run.world):  # every rank stops together, never one left waiting
+            raise _diverged(f"the loss became {loss_value}", epoch, step, state.epoch, run.folder / "last.pt")
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
-        average_gradients(model.trainable_parameters(), world)
+        average_gradients(model.trainable_parameters(), run.world)
         optimizer.step()
         for name, value in losses.items():
             sums[name] = sums.get(name, 0.0) + float(value.detach())
@@ -145,12 +145,13 @@ def _train_one_epoch(model: MemKD, optimizer: torch.optim.Optimizer, loader: Dat
     return {name: total / steps for name, total in sums.items()}
 
 
-def train(model: MemKD, method: str, splits: Any, config: dict[str, Any], run_dir: Path,
-          device: torch.device, data_digest: str, world: World = World()) -> TrainingState:
+def train(model: MemKD, splits: DatasetSplits, run: Run) -> TrainingState:
     """Train the student, writing ``last.pt`` every epoch and ``best.pt`` when validation improves.
 
+    The batches are shared with the processes of ``run.world`` (data-parallel training; one process
+    otherwise).
     Resumes from ``last.pt`` when ``train.resume`` is set and it fits this config, teacher, training
-    images (``data_digest``) and exemplar set:
+    images (``run.data_digest``) and exemplar set:
     weights (memories included), optimiser, scheduler, best-so-far and history. No RNG state is
     saved because none is needed: the student's initialisation and the exemplar draw are seeded
     from train.seed, each epoch's shuffle from (seed, epoch), and nothing else in training is random
@@ -159,19 +160,25 @@ def train(model: MemKD, method: str, splits: Any, config: dict[str, Any], run_di
     A non-finite loss, or weights that became non-finite, stop training with a UserError before
     anything is saved, so ``last.pt`` and ``best.pt`` always hold a finite model.
     """
-    seed, epochs = config["train.seed"], config["train.epochs"]
+    settings, device, world = run.settings, run.device, run.world
+    train = settings.train
+    seed, epochs = train.seed, train.epochs
     tune_for(device)
-    exemplars = choose_exemplars(len(splits.train), config["memory.exemplars"], seed) if model.has_memory else []
-    exemplar_names = exemplar_files(splits.train, exemplars, config["data.root"])
+
+    def on_device(images: torch.Tensor) -> torch.Tensor:
+        return to_device(images, device, train.channels_last)
+
+    exemplars = choose_exemplars(len(splits.train), settings.memory.exemplars, seed) if model.has_memory else []
+    exemplar_names = exemplar_files(splits.train, exemplars, settings.data.root)
     if exemplars:
-        model.set_exemplars(to_device(torch.stack([splits.train[i]["image"] for i in exemplars]), config, device))
-    optimizer = build_optimizer(model.trainable_parameters(), config)
-    scheduler = build_scheduler(optimizer, config)
+        model.set_exemplars(on_device(torch.stack([splits.train[i]["image"] for i in exemplars])))
+    optimizer = build_optimizer(model.trainable_parameters(), train)
+    scheduler = build_scheduler(optimizer, train)
     state = TrainingState()
-    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
-    if config["train.resume"] and last_path.exists():
+    last_path, best_path = run.folder / "last.pt", run.folder / "best.pt"
+    if train.resume and last_path.exists():
         saved = load_checkpoint(last_path)
-        check_fits(saved, last_path, method, config, model.teacher_fingerprint, data_digest)
+        check_fits(saved, last_path, settings, model.teacher_fingerprint, run.data_digest)
         _check_same_exemplars(saved, last_path, exemplars, exemplar_names)
         load_student(model, saved, last_path)
         optimizer.load_state_dict(saved["optimizer"])
@@ -185,8 +192,7 @@ def train(model: MemKD, method: str, splits: Any, config: dict[str, Any], run_di
     if state.epoch < epochs:  # filled once per process: a resumed run fills it again
         started = time.perf_counter()
         cache = TeacherFeatureCache.fill(model.teacher_features, splits.train, model.teacher.channels,
-                                         config["data.image_size"], config, device,
-                                         lambda images: to_device(images, config, device))
+                                         settings.data.image_size, train, settings.data.num_workers, device, on_device)
         state.seconds += time.perf_counter() - started
         if cache is not None and world.is_main:
             tqdm.write(cache.describe())
@@ -196,14 +202,13 @@ def train(model: MemKD, method: str, splits: Any, config: dict[str, Any], run_di
         generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         # Indexed items tell the cache which images a batch holds; same length and generator, so
         # exactly the batches of the plain dataset.
-        loader = make_loader(IndexedDataset(splits.train), config["train.batch_size"], config, device, generator,
-                             world)
-        record = {"epoch": epoch, **_train_one_epoch(model, optimizer, loader, config, device, epoch, state, last_path,
-                                                     world, cache)}
+        loader = make_loader(IndexedDataset(splits.train), train.batch_size, settings.data.num_workers, device,
+                             generator, world)
+        record = {"epoch": epoch, **_train_one_epoch(model, optimizer, loader, run, epoch, state, cache)}
         broadcast_buffers(model.student, world)  # rank 0's BatchNorm statistics, so all ranks validate alike
         scheduler.step()
         if len(splits.val):
-            record["val_kd"] = validation_error(model, splits.val, config, device)
+            record["val_kd"] = validation_error(model, splits.val, settings, device)
         # The last step's update can make the weights non-finite with a still finite loss: check
         # them (and the validation error) before they reach a checkpoint.
         broken = _non_finite(model)
@@ -215,8 +220,8 @@ def train(model: MemKD, method: str, splits: Any, config: dict[str, Any], run_di
         state.seconds += time.perf_counter() - started
         state.history.append(record)
         state.epoch = epoch
-        common = dict(method=method, config=config, student=model.student, fingerprint=model.teacher_fingerprint,
-                      data_digest=data_digest, epoch=epoch,
+        common = dict(settings=settings, student=model.student, fingerprint=model.teacher_fingerprint,
+                      data_digest=run.data_digest, epoch=epoch,
                       exemplars=exemplars, exemplar_files=exemplar_names)
         improved = error < state.best_error
         if improved:

@@ -14,7 +14,7 @@ none), and the image score is the map's maximum in both papers.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,16 +22,13 @@ from torch import Tensor
 
 from models.registry import COMBINE_MODES
 
+
 @dataclass(frozen=True)
 class MapSettings:
     """How an anomaly map is scored: an evaluation choice, changeable without retraining."""
 
     combine: str = "sum"
     sigma: float = 4.0
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "MapSettings":
-        return cls(config["eval.combine"], config["eval.sigma"])
 
 
 def stpm_map(student: Sequence[Tensor], teacher: Sequence[Tensor], size: int) -> Tensor:
@@ -57,7 +54,7 @@ def rd4ad_map(student: Sequence[Tensor], teacher: Sequence[Tensor], size: int) -
 
 def anomaly_map(student: Sequence[Tensor], teacher: Sequence[Tensor], size: int, settings: MapSettings) -> Tensor:
     """The configured map [B, size, size], smoothed when ``settings.sigma`` > 0."""
-    combine = stpm_map if settings.combine == "product" else rd4ad_map
+    combine = dict(zip(COMBINE_MODES, (stpm_map, rd4ad_map), strict=True))[settings.combine]
     return gaussian_blur(combine(student, teacher, size), settings.sigma)
 
 

@@ -165,7 +165,7 @@ def test_every_stage_variant_is_a_valid_config_for_its_student(tmp_path):
         for value in memory_study.SETTINGS["memory.stages"][student]:
             variant = memory_study.variant_for("memory.stages", value)
             config = load_config(student, Cell(DEMO, student, variant, 0).arguments(tmp_path, []))
-            assert config["memory.stages"] == value
+            assert list(config.memory.stages) == value
 
 
 # --------------------------------------------------------------------------- end to end, resuming

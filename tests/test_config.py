@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import SCHEMA, load_config, validate
+from engine.config import SCHEMA, RunSettings, config_differences, load_config
 from utils.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -13,12 +13,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_recipes_give_each_script_its_paper_settings():
     st, rd = load_config("st"), load_config("rd")
-    assert (st["train.optimizer"], st["train.lr"], st["train.momentum"], st["train.epochs"], st["train.batch_size"],
-            st["model.backbone"]) == ("sgd", 0.4, 0.9, 100, 32, "resnet18")
-    assert (rd["train.optimizer"], rd["train.lr"], rd["train.betas"], rd["train.epochs"], rd["train.batch_size"],
-            rd["model.backbone"]) == ("adam", 0.005, [0.5, 0.999], 200, 16, "wide_resnet50_2")
-    assert st["data.image_size"] == rd["data.image_size"] == 256
-    assert set(st) == set(SCHEMA)
+    assert (st.train.optimizer, st.train.lr, st.train.momentum, st.train.epochs, st.train.batch_size,
+            st.model.backbone) == ("sgd", 0.4, 0.9, 100, 32, "resnet18")
+    assert (rd.train.optimizer, rd.train.lr, rd.train.betas, rd.train.epochs, rd.train.batch_size,
+            rd.model.backbone) == ("adam", 0.005, (0.5, 0.999), 200, 16, "wide_resnet50_2")
+    assert st.data.image_size == rd.data.image_size == 256
+    assert list(st.flat()) == list(SCHEMA)
+    # An optimiser's own keys belong to the recipe that uses that optimiser only.
+    assert st.train.betas is None and rd.train.momentum is None
 
 
 def test_overrides_apply_in_order_and_are_typed(tmp_path):
@@ -26,14 +28,14 @@ def test_overrides_apply_in_order_and_are_typed(tmp_path):
     extra.write_text("train:\n  epochs: 3\ndata:\n  image_size: 64\n")
     config = load_config("rd", [str(extra), "train.epochs=5", "memory.enabled=false", "data.category=01",
                                 "train.betas=[0.9,0.99]", "train.lr=1e-3", "model.teacher_weights=null"])
-    assert config["train.epochs"] == 5 and config["data.image_size"] == 64
-    assert config["memory.enabled"] is False and config["data.category"] == "01"
-    assert config["train.betas"] == [0.9, 0.99] and config["train.lr"] == 0.001
-    assert config["model.teacher_weights"] is None
+    assert config.train.epochs == 5 and config.data.image_size == 64
+    assert config.memory.enabled is False and config.data.category == "01"
+    assert config.train.betas == (0.9, 0.99) and config.train.lr == 0.001
+    assert config.model.teacher_weights is None
 
 
 def test_int_is_accepted_for_float_keys():
-    assert load_config("st", ["loss.lambda2=1"])["loss.lambda2"] == 1.0
+    assert load_config("st", ["loss.lambda2=1"]).loss.lambda2 == 1.0
 
 
 @pytest.mark.parametrize("arg, fragment", [
@@ -69,8 +71,31 @@ def test_unknown_key_in_a_yaml_file_is_refused(tmp_path):
 
 
 def test_saved_config_round_trips():
+    for method in ("st", "rd"):
+        config = load_config(method)
+        assert RunSettings.from_flat(method, config.flat()) == config
+
+
+def test_settings_are_frozen_and_replace_validates_again():
     config = load_config("st")
-    assert validate(dict(config)) == config
+    with pytest.raises(AttributeError):
+        config.train.lr = 0.1  # type: ignore[misc]
+    assert config.replace({"train.lr": 0.1}).train.lr == 0.1 and config.train.lr == 0.4
+    with pytest.raises(UserError, match="train.lr"):
+        config.replace({"train.lr": -1})
+
+
+def test_optimiser_keys_the_optimiser_does_not_read_are_not_part_of_the_run():
+    sgd = load_config("st")
+    # A checkpoint of the previous layout stored Adam's betas in an SGD run: they do not make it differ.
+    saved = {**sgd.flat(), "train.betas": [0.9, 0.999]}
+    assert config_differences(saved, sgd) == []
+    assert config_differences({**saved, "train.momentum": 0.5}, sgd) != []
+    assert load_config("st", ["train.betas=[0.1,0.2]"]).train.betas is None  # read only by Adam
+    adam = load_config("st", ["train.optimizer=adam", "train.betas=[0.5,0.9]"])
+    assert adam.train.momentum is None and adam.train.betas == (0.5, 0.9)
+    with pytest.raises(UserError, match="train.optimizer=adam reads config key 'train.betas'"):
+        load_config("st", ["train.optimizer=adam"])
 
 
 def test_cli_exits_2_with_one_line_for_a_bad_key():
@@ -133,17 +158,20 @@ def test_editing_any_value_in_config_yaml_changes_the_run(method, tmp_path):
 
     tree = yaml.safe_load((ROOT / "config.yaml").read_text())
     places = list(_places(tree, method))
-    assert sorted(key for _, key in places) == sorted(SCHEMA), "every key has exactly one place per script"
+    read = list(load_config(method).scope("train")) + [k for k in SCHEMA if SCHEMA[k].scope != "train"]
+    assert sorted(key for _, key in places) == sorted(read), "every key the script reads has exactly one place"
     for path, key in places:
         edited = yaml.safe_load((ROOT / "config.yaml").read_text())
         node = edited
         for part in path[:-1]:
             node = node[part]
         node[path[-1]] = new = _other(key, node[path[-1]])
+        if key == "train.optimizer":  # the other optimiser reads its own key, which this recipe lacks
+            node.update({"sgd": {"momentum": 0.9}, "adam": {"betas": [0.9, 0.999]}}[new])
         copy = tmp_path / "config.yaml"
         copy.write_text(yaml.safe_dump(edited))
         resolved = load_config(method, base=copy)
-        assert resolved[key] == (str(Path(new)) if key == "output.dir" else new), key
+        assert resolved.flat()[key] == (str(Path(new)) if key == "output.dir" else new), key
 
 
 def test_a_key_set_in_two_places_of_one_file_is_refused(tmp_path):
@@ -157,8 +185,8 @@ def test_a_key_set_in_two_places_of_one_file_is_refused(tmp_path):
 def test_an_override_files_recipe_block_applies_to_its_script_only(tmp_path):
     extra = tmp_path / "long.yaml"
     extra.write_text("recipes:\n  st:\n    train: {epochs: 7}\n  rd:\n    train: {epochs: 9}\n")
-    assert load_config("st", [str(extra)])["train.epochs"] == 7
-    assert load_config("rd", [str(extra)])["train.epochs"] == 9
+    assert load_config("st", [str(extra)]).train.epochs == 7
+    assert load_config("rd", [str(extra)]).train.epochs == 9
     extra.write_text("recipes:\n  xx:\n    train: {epochs: 7}\n")
     with pytest.raises(UserError, match="may only hold the blocks st, rd"):
         load_config("st", [str(extra)])
@@ -185,7 +213,7 @@ def test_paths_and_sizes_out_of_bounds_are_refused(arg):
 
 
 def test_output_dir_expands_the_home_folder():
-    assert load_config("st", ["output.dir=~/memkd-results"])["output.dir"] == str(Path.home() / "memkd-results")
+    assert load_config("st", ["output.dir=~/memkd-results"]).output.dir == str(Path.home() / "memkd-results")
 
 
 def test_allowed_values_come_from_the_registries():

@@ -423,5 +423,3 @@ def test_empty_or_missing_folders(tmp_path, mvtec_root):
 def test_bad_arguments(mvtec_root):
     with raises("val_fraction"):
         build_datasets("mvtec", mvtec_root, "widget", 16, 1.0, 0)
-    with raises("image_size"):
-        build_datasets("mvtec", mvtec_root, "widget", 0, 0.1, 0)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-import predict
+import engine.inference as inference
 from tests.fixtures import make_mvtec_folder, tiny_run_args, texture
 from engine.cli import main
 from engine.report import COLUMNS, PAPER_MEANS, write_summary
@@ -139,7 +139,7 @@ def test_predict_writes_overlays_masks_at_original_size_and_a_csv(trained, tmp_p
     _, _, run_dir, _ = trained
     sizes = write_new_images(tmp_path / "new")
     out = tmp_path / "predicted"
-    assert predict.main([f"checkpoint={run_dir / 'best.pt'}", f"input={tmp_path / 'new'}", f"output={out}"]) == 0
+    assert inference.main([f"checkpoint={run_dir / 'best.pt'}", f"input={tmp_path / 'new'}", f"output={out}"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == f"predictions: {out}"
     for name, size in sizes.items():
         stem = Path(name).with_suffix("")
@@ -166,10 +166,10 @@ def test_predict_scores_test_images_exactly_as_evaluation_does(trained, tmp_path
     data_root, _, run_dir, _ = trained
     out = tmp_path / "predicted"
     test_folder = data_root / "widget" / "test"
-    assert predict.main([f"checkpoint={run_dir / 'best.pt'}", f"input={test_folder}", f"output={out}",
+    assert inference.main([f"checkpoint={run_dir / 'best.pt'}", f"input={test_folder}", f"output={out}",
                          "threshold=f1"]) == 0
     rows = {r["path"]: r for r in read_scores(out / "scores.csv")}
-    model, config, thresholds, device = predict.load_run(run_dir / "best.pt", [])
+    model, config, thresholds, device = inference.load_run(run_dir / "best.pt", {})
     splits = build_datasets("mvtec", data_root, "widget", 64, 0.25, 0)
     expected = image_scores(anomaly_maps(model, splits.test, config, device)["maps"]).tolist()
     assert len(rows) == len(expected) == 6
@@ -184,7 +184,7 @@ def test_predict_scores_test_images_exactly_as_evaluation_does(trained, tmp_path
     ("unreadable image", "cannot read image"),
     ("checkpoint never evaluated", "was never evaluated"),
     ("unknown argument", "unknown argument 'colour'"),
-    ("unknown threshold", "threshold=median is not a choice"),
+    ("unknown threshold", "threshold is 'median'; choose one of normal, f1"),
     ("missing input", "give input=..."),
 ])
 def test_predict_refuses_bad_input_in_one_line(case, fragment, trained, tmp_path, capsys):
@@ -206,7 +206,7 @@ def test_predict_refuses_bad_input_in_one_line(case, fragment, trained, tmp_path
     elif case == "missing input":
         args = args[:1]
     capsys.readouterr()
-    assert predict.main(args) == 2
+    assert inference.main(args) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: ") and fragment in error and "\n" not in error
     assert not (tmp_path / "out" / "scores.csv").exists()

@@ -19,8 +19,8 @@ import onnxruntime
 import pytest
 import torch
 
-import export
-import predict
+import engine.export as export
+import engine.inference as inference
 from datasets.images import image_to_tensor, load_rgb
 from datasets.images import IMAGENET_MEAN, IMAGENET_STD
 from models.anomaly_map import image_scores
@@ -65,7 +65,7 @@ def image_batch(folder: Path, size: int = SIZE) -> torch.Tensor:
 
 def torch_maps(run_dir: Path, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """The checkpoint's own maps of ``images`` and its thresholds."""
-    model, _, thresholds, _ = predict.load_run(run_dir / "best.pt", ["train.device=cpu"])
+    model, _, thresholds, _ = inference.load_run(run_dir / "best.pt", {"train.device": "cpu"})
     return model.anomaly_map(images).float(), thresholds
 
 
@@ -113,8 +113,8 @@ def test_the_batch_axis_is_dynamic(folder, runs, new_images):
 def test_the_json_says_how_to_feed_and_decide(folder, runs):
     metadata = json.loads(sidecar_path(runs[folder] / "best.onnx").read_text())
     results = json.loads((runs[folder] / "results.json").read_text())
-    _, config, thresholds, _ = predict.load_run(runs[folder] / "best.pt", ["train.device=cpu"])
-    assert metadata["thresholds"] == thresholds and metadata["config"] == config
+    _, config, thresholds, _ = inference.load_run(runs[folder] / "best.pt", {"train.device": "cpu"})
+    assert metadata["thresholds"] == thresholds and metadata["config"] == config.flat()
     assert metadata["input"]["image_size"] == metadata["trained_image_size"] == SIZE
     assert metadata["input"]["shape"] == ["batch", 3, SIZE, SIZE]
     assert metadata["input"]["mean"] == list(IMAGENET_MEAN) and metadata["input"]["std"] == list(IMAGENET_STD)
@@ -173,8 +173,8 @@ def test_predict_with_onnx_decides_like_predict_with_torch(folder, runs, new_ima
         shutil.copy(runs[folder] / name, deployed / name)
     common = [f"input={new_images}", "threshold=f1", "train.device=cpu"]
     with contextlib.redirect_stdout(io.StringIO()):
-        assert predict.main([f"checkpoint={runs[folder] / 'best.pt'}", *common, f"output={tmp_path / 'torch'}"]) == 0
-        assert predict.main(["backend=onnx", f"model={deployed / 'best.onnx'}", *common,
+        assert inference.main([f"checkpoint={runs[folder] / 'best.pt'}", *common, f"output={tmp_path / 'torch'}"]) == 0
+        assert inference.main(["backend=onnx", f"model={deployed / 'best.onnx'}", *common,
                              f"output={tmp_path / 'onnx'}"]) == 0
     by_torch, by_onnx = read_scores(tmp_path / "torch" / "scores.csv"), read_scores(tmp_path / "onnx" / "scores.csv")
     assert sorted(by_onnx) == sorted(by_torch) and len(by_torch) == 10
@@ -201,9 +201,9 @@ def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
 @pytest.mark.parametrize("args, says", [
     (["image_size=96"], "give checkpoint=..."),
     (["checkpoint={best}", "colour=red"], "unknown argument 'colour'"),
-    (["checkpoint={best}", "image_size=50"], "image_size=50 is not usable"),
-    (["checkpoint={best}", "image_size=big"], "image_size=big is not usable"),
-    (["checkpoint={best}", "output={tmp}/model.pt"], "must name an .onnx file"),
+    (["checkpoint={best}", "image_size=50"], "image_size is 50 but must be a multiple of 32 from 64 to 1024"),
+    (["checkpoint={best}", "image_size=big"], "image_size must be an integer, got str 'big'"),
+    (["checkpoint={best}", "output={tmp}/model.pt"], "must be an .onnx file"),
     (["checkpoint={best}", "output={tmp}/a_file/model.onnx"], "cannot create output folder"),
     (["checkpoint={tmp}/nowhere/best.pt"], "no checkpoint at"),
 ])
@@ -226,7 +226,7 @@ def test_export_missing_checkpoint_exits_with_code_2_without_traceback(tmp_path)
 
 @pytest.mark.parametrize("args, says", [
     (["backend=onnx"], "give model=..."),
-    (["backend=tflite", "model={onnx}"], "backend=tflite is not a choice"),
+    (["backend=tflite", "model={onnx}"], "backend is 'tflite'; choose one of torch, onnx"),
     (["model={onnx}"], "model= is read with backend=onnx"),
     (["backend=onnx", "model={onnx}", "checkpoint={best}"], "checkpoint= is not read with backend=onnx"),
     (["backend=onnx", "model={tmp}/nowhere.onnx"], "no ONNX model at"),
@@ -242,7 +242,7 @@ def test_predict_onnx_refuses_bad_input_in_one_line(args, says, runs, new_images
     shutil.copy(runs["stpm"] / "best.onnx", tmp_path / "paired.onnx")  # with the JSON of another run's export
     shutil.copy(runs["rd4ad"] / "best.json", tmp_path / "paired.json")
     argv = [a.format(onnx=runs["stpm"] / "best.onnx", best=runs["stpm"] / "best.pt", tmp=tmp_path) for a in args]
-    assert predict.main([*argv, f"input={new_images}", f"output={tmp_path / 'out'}"]) == 2
+    assert inference.main([*argv, f"input={new_images}", f"output={tmp_path / 'out'}"]) == 2
     assert says in one_line_error(capsys)
     assert not (tmp_path / "out" / "scores.csv").exists()
 

@@ -6,14 +6,15 @@ import pytest
 import torch
 
 from datasets.build import build_datasets
-from models.build import build_model
+from engine.model import build_run_model
 from models.feature_extractor import FeatureExtractor
 from models.registry import BACKBONES
 from tests.fixtures import make_mvtec_folder
 from utils.device import to_device
-from engine.config import load_config
+from engine.config import RunSettings, load_config
 from engine.feature_cache import IndexedDataset, TeacherFeatureCache, feature_bytes_per_image
 from engine.training import train
+from engine.records import Run
 
 SIZE = 64
 
@@ -23,31 +24,31 @@ def data_root(tmp_path_factory):
     return make_mvtec_folder(tmp_path_factory.mktemp("mvtec"), "widget", n_train=16, n_good_test=2, n_defect=2)
 
 
-def run_config(data_root: Path, out: Path, **overrides) -> dict:
+def run_config(data_root: Path, out: Path, **overrides) -> RunSettings:
     """A resolved tiny config with the speed path on (the cache may be overridden per test)."""
     config = load_config("st", [f"data.root={data_root}", "data.category=widget", f"data.image_size={SIZE}",
                                 "data.num_workers=0", "data.val_fraction=0.25", "model.backbone=resnet18",
                                 "model.pretrained=false", "train.epochs=2", "train.batch_size=3",
                                 "eval.batch_size=4", "memory.exemplars=2", "train.device=cpu", f"output.dir={out}"])
-    config.update({"train.feature_cache": "float32", "train.cache_budget_mb": 4096, "train.channels_last": False})
-    config.update(overrides)
+    config = config.replace({"train.feature_cache": "float32", "train.cache_budget_mb": 4096, "train.channels_last": False})
+    config = config.replace(overrides)
     return config
 
 
-def splits_for(config: dict):
-    splits = build_datasets("mvtec", config["data.root"], "widget", SIZE, config["data.val_fraction"], 0, False)
+def splits_for(config: RunSettings):
+    splits = build_datasets("mvtec", config.data.root, "widget", SIZE, config.data.val_fraction, 0, False)
     return splits
 
 
 def fill(model, splits, config) -> TeacherFeatureCache | None:
     device = torch.device("cpu")
-    return TeacherFeatureCache.fill(model.teacher_features, splits.train, model.teacher.channels, SIZE, config,
-                                    device, lambda images: to_device(images, config, device))
+    return TeacherFeatureCache.fill(model.teacher_features, splits.train, model.teacher.channels, SIZE, config.train,
+                                    config.data.num_workers, device, lambda images: to_device(images, device, config.train.channels_last))
 
 
-def batch_of(dataset, indices: list[int], config: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_of(dataset, indices: list[int], config: RunSettings) -> tuple[torch.Tensor, torch.Tensor]:
     images = torch.stack([dataset[i]["image"] for i in indices])
-    return torch.tensor(indices), to_device(images, config, torch.device("cpu"))
+    return torch.tensor(indices), to_device(images, torch.device("cpu"), config.train.channels_last)
 
 
 @pytest.mark.parametrize("backbone", sorted(BACKBONES))
@@ -66,7 +67,7 @@ def test_wide_resnet50_at_256_px_takes_about_7_mb_per_image():
 def test_cached_features_are_the_teachers_bit_for_bit_in_its_layout(data_root, tmp_path, channels_last):
     config = run_config(data_root, tmp_path, **{"train.channels_last": channels_last})
     splits = splits_for(config)
-    model = build_model("st", config)
+    model = build_run_model(config)
     cache = fill(model, splits, config)
     assert cache.capacity == len(splits.train) == 12
     indices, images = batch_of(splits.train, [4, 0, 2], config)  # a full training batch, shuffled
@@ -80,8 +81,8 @@ def test_cached_features_are_the_teachers_bit_for_bit_in_its_layout(data_root, t
 def test_float16_stores_rounded_features_in_half_the_memory(data_root, tmp_path):
     config = run_config(data_root, tmp_path, **{"train.feature_cache": "float16"})
     splits = splits_for(config)
-    model = build_model("st", config)
-    half, full = fill(model, splits, config), fill(model, splits, {**config, "train.feature_cache": "float32"})
+    model = build_run_model(config)
+    half, full = fill(model, splits, config), fill(model, splits, config.replace({"train.feature_cache": "float32"}))
     assert half.nbytes * 2 == full.nbytes == 12 * feature_bytes_per_image(model.teacher.channels, SIZE, torch.float32)
     indices, images = batch_of(splits.train, [1, 3, 5], config)
     for e, g in zip(model.teacher_features(images), half.lookup(indices, images, model.teacher_features)):
@@ -91,7 +92,7 @@ def test_float16_stores_rounded_features_in_half_the_memory(data_root, tmp_path)
 def test_past_the_budget_images_stream_through_the_teacher(data_root, tmp_path):
     config = run_config(data_root, tmp_path, **{"train.cache_budget_mb": 1})
     splits = splits_for(config)
-    model = build_model("st", config)
+    model = build_run_model(config)
     cache = fill(model, splits, config)
     per_image = feature_bytes_per_image(model.teacher.channels, SIZE, torch.float32)
     assert cache.capacity == 2**20 // per_image == 9  # of 12
@@ -116,18 +117,18 @@ def test_past_the_budget_images_stream_through_the_teacher(data_root, tmp_path):
 def test_off_gives_no_cache_and_the_dataset_keeps_its_batches(data_root, tmp_path):
     config = run_config(data_root, tmp_path, **{"train.feature_cache": "off"})
     splits = splits_for(config)
-    assert fill(build_model("st", config), splits, config) is None
+    assert fill(build_run_model(config), splits, config) is None
     indexed = IndexedDataset(splits.train)
     assert len(indexed) == len(splits.train)
     item = indexed[4]
     assert item["index"] == 4 and torch.equal(item["image"], splits.train[4]["image"])
 
 
-def trained(config: dict, run_dir: Path) -> tuple[list[dict], dict[str, torch.Tensor]]:
+def trained(config: RunSettings, run_dir: Path) -> tuple[list[dict], dict[str, torch.Tensor]]:
     """History and final student weights of a 2-epoch run with ``config``."""
     splits = splits_for(config)
-    model = build_model("st", config)
-    state = train(model, "st", splits, config, run_dir, torch.device("cpu"), "digest")
+    model = build_run_model(config)
+    state = train(model, splits, Run(config, "widget", run_dir, torch.device("cpu"), "digest"))
     return state.history, {k: v.clone() for k, v in model.student.state_dict().items()}
 
 
@@ -141,7 +142,7 @@ def test_training_with_the_cache_trains_the_same_model_bit_for_bit(data_root, tm
     # 12 training images in batches of 3: every step sees a full batch, as the cache computes them.
     base = run_config(data_root, tmp_path, **{"train.channels_last": channels_last})
     with_cache, weights = trained(base, tmp_path / "cached")
-    without, plain_weights = trained({**base, "train.feature_cache": "off"}, tmp_path / "plain")
+    without, plain_weights = trained(base.replace({"train.feature_cache": "off"}), tmp_path / "plain")
     assert [r["loss"] for r in with_cache] == [r["loss"] for r in without]
     assert [r["val_kd"] for r in with_cache] == [r["val_kd"] for r in without]
     assert _same_weights(weights, plain_weights) == 0.0
@@ -149,8 +150,8 @@ def test_training_with_the_cache_trains_the_same_model_bit_for_bit(data_root, tm
 
 def test_streaming_everything_is_training_without_a_cache(data_root, tmp_path):
     base = run_config(data_root, tmp_path, **{"train.batch_size": 5})
-    streamed, weights = trained({**base, "train.cache_budget_mb": 0}, tmp_path / "streamed")
-    without, plain_weights = trained({**base, "train.feature_cache": "off"}, tmp_path / "plain")
+    streamed, weights = trained(base.replace({"train.cache_budget_mb": 0}), tmp_path / "streamed")
+    without, plain_weights = trained(base.replace({"train.feature_cache": "off"}), tmp_path / "plain")
     assert [r["loss"] for r in streamed] == [r["loss"] for r in without]
     assert _same_weights(weights, plain_weights) == 0.0
 
@@ -160,7 +161,7 @@ def test_a_partial_last_batch_stays_within_float_rounding(data_root, tmp_path):
     # differently from the full batches the cache was filled with (measured here: no difference).
     base = run_config(data_root, tmp_path, **{"train.batch_size": 5})
     cached, weights = trained(base, tmp_path / "cached")
-    without, plain_weights = trained({**base, "train.feature_cache": "off"}, tmp_path / "plain")
+    without, plain_weights = trained(base.replace({"train.feature_cache": "off"}), tmp_path / "plain")
     for a, b in zip(cached, without):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["val_kd"] == pytest.approx(b["val_kd"], rel=1e-5)
     assert _same_weights(weights, plain_weights) < 1e-4
@@ -170,7 +171,7 @@ def test_float16_moves_the_first_epochs_loss_by_float16_rounding_only(data_root,
     # Measured: 0.03 % in epoch 1. Later epochs drift further apart (0.4 % in epoch 2 here, with a
     # random teacher and STPM's lr 0.4), as any change of rounding does in SGD.
     base = run_config(data_root, tmp_path)
-    half, _ = trained({**base, "train.feature_cache": "float16"}, tmp_path / "half")
+    half, _ = trained(base.replace({"train.feature_cache": "float16"}), tmp_path / "half")
     full, _ = trained(base, tmp_path / "full")
     assert half[0]["loss"] != full[0]["loss"]
     assert half[0]["loss"] == pytest.approx(full[0]["loss"], rel=2e-3)

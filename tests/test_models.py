@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import torchvision
 from scipy.ndimage import gaussian_filter
 
-from models.build import build_model
+from engine.model import build_run_model
 from models.anomaly_map import MapSettings, gaussian_blur, image_scores, rd4ad_map, stpm_map
 from models.feature_extractor import FeatureExtractor
 from models.registry import BACKBONES
@@ -35,7 +35,7 @@ def test_feature_shapes_and_strides(backbone):
 
 
 def test_teacher_stays_frozen_and_in_eval_mode():
-    model = build_model("st", config_for("st"))
+    model = build_run_model(config_for("st"))
     model.train()
     assert not model.teacher.training and all(not m.training for m in model.teacher.modules())
     assert model.student.training
@@ -52,7 +52,7 @@ def test_teacher_loads_a_state_dict_without_head():
 
 
 def test_memory_parameters_train_and_are_saved():
-    model = build_model("st", config_for("st"))
+    model = build_run_model(config_for("st"))
     names = dict(model.student.named_parameters())
     for memory_param in ("memories.0.memory.keys", "memories.0.memory.values", "memories.1.memory.values"):
         assert memory_param in names and names[memory_param].requires_grad
@@ -129,8 +129,8 @@ def test_distillation_losses_equal_the_published_formulas():
 @pytest.mark.parametrize("method, form", [("st", "stpm"), ("rd", "rd4ad")])
 def test_each_script_trains_with_its_papers_loss_and_map_by_default(method, form):
     config = load_config(method, ["model.pretrained=false"])
-    assert config["loss.distillation"] == form
-    assert (config["eval.combine"], config["eval.sigma"]) == {"st": ("product", 0.0), "rd": ("sum", 4.0)}[method]
+    assert config.loss.distillation == form
+    assert (config.eval.combine, config.eval.sigma) == {"st": ("product", 0.0), "rd": ("sum", 4.0)}[method]
 
 
 def test_normality_embedding_loss_compares_directions():
@@ -155,7 +155,7 @@ def test_lambda2_changes_the_loss_and_lambda1_does_not_stand_in_for_it():
     images, exemplars = torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64)
     totals = {}
     for l1, l2 in [(1.0, 0.0), (1.0, 5.0), (3.0, 0.0)]:
-        model = build_model("rd", config_for("rd", **{"loss.lambda1": l1, "loss.lambda2": l2}))
+        model = build_run_model(config_for("rd", **{"loss.lambda1": l1, "loss.lambda2": l2}))
         model.set_exemplars(exemplars)
         losses = model.loss(images)
         totals[(l1, l2)] = losses
@@ -166,7 +166,7 @@ def test_lambda2_changes_the_loss_and_lambda1_does_not_stand_in_for_it():
 
 @pytest.mark.parametrize("method", ["st", "rd"])
 def test_memory_off_is_the_plain_baseline(method):
-    model = build_model(method, config_for(method, **{"memory.enabled": "false"}))
+    model = build_run_model(config_for(method, **{"memory.enabled": "false"}))
     assert len(model.student.memories) == 0
     losses = model.loss(torch.randn(2, 3, 64, 64))
     assert set(losses) == {"loss", "kd"} and torch.equal(losses["loss"], losses["kd"])
@@ -174,7 +174,7 @@ def test_memory_off_is_the_plain_baseline(method):
 
 @pytest.mark.parametrize("method", ["st", "rd"])
 def test_each_memory_lives_in_the_space_of_its_teacher_stage(method):
-    model = build_model(method, config_for(method))
+    model = build_run_model(config_for(method))
     images = torch.randn(2, 3, 64, 64)
     teacher = model.teacher(images)
     queried = []
@@ -191,7 +191,7 @@ def test_each_memory_lives_in_the_space_of_its_teacher_stage(method):
 @pytest.mark.parametrize("method, stages", [("st", "[2]"), ("rd", "[bottleneck,3]"), ("rd", "[2]")])
 @pytest.mark.parametrize("fusion", ["concat", "add"])
 def test_memory_places_and_fusion_are_configurable_and_train(method, stages, fusion):
-    model = build_model(method, config_for(method, **{"memory.stages": stages, "memory.fusion": fusion}))
+    model = build_run_model(config_for(method, **{"memory.stages": stages, "memory.fusion": fusion}))
     assert len(model.student.memories) == len(stages.strip("[]").split(","))
     assert all((m.fuse is None) == (fusion == "add") for m in model.student.memories)
     model.set_exemplars(torch.randn(2, 3, 64, 64))
@@ -204,14 +204,14 @@ def test_memory_places_a_student_cannot_hold_are_refused():
     from utils.errors import UserError
 
     with pytest.raises(UserError, match="memory.stages"):
-        build_model("st", config_for("st", **{"memory.stages": "[3]"}))
+        build_run_model(config_for("st", **{"memory.stages": "[3]"}))
     with pytest.raises(UserError, match="memory.stages"):
-        build_model("st", config_for("st", **{"memory.stages": "[bottleneck]"}))
+        build_run_model(config_for("st", **{"memory.stages": "[bottleneck]"}))
 
 
 @pytest.mark.parametrize("method", ["st", "rd"])
 def test_student_features_match_teacher_shapes(method):
-    model = build_model(method, config_for(method, **{"model.backbone": "mobilenet_v2"}))
+    model = build_run_model(config_for(method, **{"model.backbone": "mobilenet_v2"}))
     images = torch.randn(2, 3, 64, 64)
     teacher = model.teacher(images)
     student = model.student(images, teacher).features
@@ -270,14 +270,14 @@ def test_gaussian_blur_matches_scipy_and_runs_batched():
 def test_rd_student_is_built_as_rd4ad_builds_it():
     from torchvision.models.resnet import BasicBlock, Bottleneck
 
-    model = build_model("rd", config_for("rd", **{"model.backbone": "resnet34"}))
+    model = build_run_model(config_for("rd", **{"model.backbone": "resnet34"}))
     student = model.student
     assert len(student.bottleneck.embed) == 3  # RD4AD: BN_layer(AttnBasicBlock, 3) for resnet34
     for stage in student.decoder:  # each decoder stage upsamples inside its first block
         first = stage[0]
         assert isinstance(first, BasicBlock) and isinstance(first.conv1, torch.nn.ConvTranspose2d)
         assert isinstance(first.downsample[0], torch.nn.ConvTranspose2d)
-    wide = build_model("rd", config_for("rd", **{"model.backbone": "resnet50"})).student
+    wide = build_run_model(config_for("rd", **{"model.backbone": "resnet50"})).student
     assert isinstance(wide.decoder[0][0], Bottleneck) and isinstance(wide.decoder[0][0].conv2, torch.nn.ConvTranspose2d)
     # Kaiming-normal (fan_out, relu): std sqrt(2 / (out_channels * k * k)); BatchNorm at 1 and 0.
     conv = student.bottleneck.embed[0].conv1
@@ -288,7 +288,7 @@ def test_rd_student_is_built_as_rd4ad_builds_it():
 
 
 def test_anomaly_map_is_image_sized_and_scores_are_maxima():
-    model = build_model("st", config_for("st"))
+    model = build_run_model(config_for("st"))
     model.eval()
     maps = model.anomaly_map(torch.randn(3, 3, 64, 64))
     assert maps.shape == (3, 64, 64) and torch.isfinite(maps).all()
@@ -298,7 +298,7 @@ def test_anomaly_map_is_image_sized_and_scores_are_maxima():
 
 
 def test_same_seed_builds_the_same_model():
-    a = build_model("st", config_for("st")).state_dict()
-    b = build_model("st", config_for("st")).state_dict()
+    a = build_run_model(config_for("st")).state_dict()
+    b = build_run_model(config_for("st")).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert math.isfinite(float(sum(v.float().sum() for v in a.values())))

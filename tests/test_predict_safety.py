@@ -1,7 +1,7 @@
 """predict.py as a careless or hostile user drives it: no silent wrong answer, no output that
 replaces another or is read back as an input, and memory bounded whatever the image sizes.
 
-The model is replaced (through ``predict.load_run``) by a tiny stand-in whose anomaly map is the
+The model is replaced (through ``inference.load_run``) by a tiny stand-in whose anomaly map is the
 brightness of the ImageNet-normalised input, so these tests need no training and know each score:
 a white image is anomalous, a black one normal. tests/test_evaluation_outputs.py runs predict.py
 on a really trained checkpoint.
@@ -9,6 +9,7 @@ on a really trained checkpoint.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 import tracemalloc
 from pathlib import Path
@@ -18,7 +19,9 @@ import pytest
 import torch
 from PIL import Image
 
-import predict
+import engine.inference as inference
+from engine.config import load_config
+import engine.inputs as inputs
 import engine.visualize
 from tests.test_io_safety import bomb_png
 from engine.visualize import overlay_and_mask, resize_map_region, tiles
@@ -44,10 +47,12 @@ class BrightnessModel:
 
 @pytest.fixture
 def model(monkeypatch) -> BrightnessModel:
-    """The stand-in model, returned by predict.load_run for any checkpoint."""
+    """The stand-in model, returned by inference.load_run for any checkpoint."""
     stand_in = BrightnessModel()
-    config = {"eval.batch_size": 4, "data.image_size": MODEL_SIZE}
-    monkeypatch.setattr(predict, "load_run", lambda checkpoint, overrides: (stand_in, config, dict(THRESHOLDS),
+    config = load_config("st", ["eval.batch_size=4"])
+    # The stand-in scores at a size below data.image_size's rule, which binds real networks only.
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, image_size=MODEL_SIZE))
+    monkeypatch.setattr(inference, "load_run", lambda checkpoint, overrides: (stand_in, config, dict(THRESHOLDS),
                                                                             torch.device("cpu")))
     return stand_in
 
@@ -60,12 +65,12 @@ def picture(path: Path, size: tuple[int, int], value: int = 0) -> Path:
 
 
 def run(tmp_path: Path, source: Path, output: Path | None, capsys, *extra: str) -> tuple[int, str, str]:
-    """predict.main on ``source``; returns (exit code, stdout, stderr)."""
+    """inference.main on ``source``; returns (exit code, stdout, stderr)."""
     capsys.readouterr()
     args = [f"checkpoint={tmp_path / 'run' / 'best.pt'}", f"input={source}", *extra]
     if output is not None:
         args.append(f"output={output}")
-    code = predict.main(args)
+    code = inference.main(args)
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -128,11 +133,11 @@ def test_output_stems_are_distinct_for_every_input(tmp_path):
         ["sub/a.png", "sub/a.PNG", "sub/a_png.bmp", "sub.png"],
     ]
     for names in groups:
-        stems = predict.output_stems([source / n for n in sorted(names)], source)
+        stems = inputs.output_stems([source / n for n in sorted(names)], source)
         assert len({s.as_posix().casefold() for s in stems}) == len(names), (names, stems)
     # Names that do not clash keep the plain stem, and the numbering is stable.
-    assert predict.output_stems([source / "x.png", source / "sub/y.jpg"], source) == [Path("x"), Path("sub/y")]
-    assert predict.output_stems([source / n for n in ["a.PNG", "a.png", "a_png.png"]], source) == [
+    assert inputs.output_stems([source / "x.png", source / "sub/y.jpg"], source) == [Path("x"), Path("sub/y")]
+    assert inputs.output_stems([source / n for n in ["a.PNG", "a.png", "a_png.png"]], source) == [
         Path("a_png_2"), Path("a_png_3"), Path("a_png")]
 
 
@@ -308,7 +313,7 @@ def test_region_resize_matches_torch_bilinear():
 
 def test_pixel_batches_cap_images_and_pixels():
     sizes = [(64, 64)] * 5 + [(200, 200)] + [(10, 10)] * 3
-    batches = predict.pixel_batches(sizes, max_images=4, max_pixels=10_000)
+    batches = inference.pixel_batches(sizes, max_images=4, max_pixels=10_000)
     assert sorted(i for batch in batches for i in batch) == list(range(len(sizes)))
     for batch in batches:
         pixels = sum(w * h for w, h in (sizes[i] for i in batch))
@@ -317,7 +322,7 @@ def test_pixel_batches_cap_images_and_pixels():
 
 
 def test_predict_scores_at_model_size_in_pixel_capped_batches(tmp_path, model, capsys, monkeypatch):
-    monkeypatch.setattr(predict, "BATCH_PIXELS", 10_000)
+    monkeypatch.setattr(inference, "BATCH_PIXELS", 10_000)
     source = tmp_path / "images"
     sizes = {f"{i}.png": (64, 64) for i in range(5)} | {"5.png": (200, 200)}
     for name, size in sizes.items():

@@ -179,13 +179,13 @@ def test_checkpoints_carry_format_version_resolved_config_and_resume_state(data_
     last = torch.load(run_dir(finished) / "last.pt", map_location="cpu", weights_only=True)
     for state in (best, last):
         assert state["format_version"] == FORMAT_VERSION and state["method"] == "st"
-        assert state["config"] == config
+        assert state["config"] == config.flat()
     assert last["epoch"] == 2 and len(last["history"]) == 2
     assert {"optimizer", "scheduler", "best_error", "best_epoch"} <= last.keys()
     assert last["optimizer"]["state"], "SGD momentum buffers must be saved, or a resumed run would differ"
     # The exemplar set saved is the one a rerun draws.
     train_images = len(list((data_root / "widget" / "train" / "good").iterdir())) - 2  # 2 validation images
-    assert last["exemplars"] == training.choose_exemplars(train_images, 2, config["train.seed"])
+    assert last["exemplars"] == training.choose_exemplars(train_images, 2, config.train.seed)
 
 
 @pytest.mark.parametrize("script_method, extra, says", [

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import predict
+import engine.inference as inference
 from tests.fixtures import make_mvtec_folder, tiny_run_args
 from engine.checkpoint import weights_digest
 from engine.cli import main
@@ -73,7 +73,7 @@ def test_phase_test_rescores_with_other_eval_settings_without_touching_training_
     for key in ("train_seconds", "recall_entropy", "exemplar_entropy", "best_epoch"):
         assert results[key] == trained[key] and results[key] is not None, key
     # predict.py scores with the evaluation's settings and thresholds.
-    assert predict.main([f"checkpoint={folder / 'best.pt'}", f"input={data_root / 'widget' / 'test'}",
+    assert inference.main([f"checkpoint={folder / 'best.pt'}", f"input={data_root / 'widget' / 'test'}",
                          f"output={tmp_path / 'pred'}"]) == 0
 
 
@@ -161,7 +161,7 @@ def test_a_broken_checkpoint_is_one_line_for_predict_and_phase_test(case, fragme
     evaluation["student_digest"] = torch.load(best, weights_only=True).get("student_digest")
     (run_dir(out) / "evaluation.json").write_text(json.dumps(evaluation))
     capsys.readouterr()
-    assert predict.main([f"checkpoint={best}", f"input={data_root / 'widget' / 'test'}",
+    assert inference.main([f"checkpoint={best}", f"input={data_root / 'widget' / 'test'}",
                          f"output={tmp_path / 'pred'}"]) == 2
     assert fragment in one_error_line(capsys.readouterr().err)
     assert main("st", tiny_run_args(data_root, out, "phase=test", epochs=2)) == 2

@@ -8,16 +8,15 @@ import torch
 import torch.nn.functional as F
 
 from datasets.build import build_datasets
-from models.build import build_model
+from engine.model import build_run_model
 from models.feature_extractor import FeatureExtractor
 from models.registry import BACKBONES
 from models.memory import MemoryFusion, NormalityMemory
 from tests.fixtures import make_mvtec_folder
 from models.folding import fold_batchnorms, folded_for_inference, inference_copy
 from utils.device import memory_format, to_device
-from engine.config import load_config
+from engine.config import RunSettings, load_config
 from engine.evaluation import anomaly_maps
-from engine.training import train
 
 SIZE = 64
 
@@ -32,7 +31,7 @@ def tiny_config(method: str, data_root: Path, out: Path, channels_last: bool) ->
                                   "data.num_workers=0", "data.val_fraction=0.25", "model.backbone=resnet18",
                                   "model.pretrained=false", "train.epochs=2", "train.batch_size=3",
                                   "eval.batch_size=4", "memory.exemplars=2", "train.device=cpu", f"output.dir={out}"])
-    config.update({"train.feature_cache": "float32", "train.cache_budget_mb": 4096, "train.channels_last": channels_last})
+    config = config.replace({"train.feature_cache": "float32", "train.cache_budget_mb": 4096, "train.channels_last": channels_last})
     return config
 
 
@@ -78,12 +77,12 @@ def test_fusion_gradients_match_in_both_layouts():
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_the_saved_networks_keep_their_weights_and_layout(channels_last, data_root, tmp_path):
     config = tiny_config("st", data_root, tmp_path, channels_last)
-    model = build_model("st", config)
+    model = build_run_model(config)
     teacher_before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
-    images = to_device(torch.randn(2, 3, SIZE, SIZE), config, torch.device("cpu"))
+    images = to_device(torch.randn(2, 3, SIZE, SIZE), torch.device("cpu"), config.train.channels_last)
     assert images.is_contiguous(memory_format=torch.channels_last) == channels_last
     plain = model.teacher_features(images)  # the teacher itself: what training computes
-    with torch.no_grad(), folded_for_inference(model.eval(), memory_format(config)):
+    with torch.no_grad(), folded_for_inference(model.eval(), memory_format(config.train.channels_last)):
         folded = model.teacher_features(images)  # the folded copy, in the configured layout
         assert all(f.is_contiguous(memory_format=torch.channels_last) == channels_last for f in folded)
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5 * a.abs().max().item()) for a, b in zip(plain, folded))
@@ -116,7 +115,7 @@ def test_a_folded_teacher_gives_the_teachers_features(backbone):
 @pytest.mark.parametrize("method", ["st", "rd"])
 def test_maps_through_folded_networks_are_the_trained_models(method, data_root, tmp_path):
     config = tiny_config(method, data_root, tmp_path, False)
-    model = build_model(method, config)
+    model = build_run_model(config)
     model.set_exemplars(torch.randn(2, 3, SIZE, SIZE))
     optimizer = torch.optim.SGD(model.trainable_parameters(), lr=0.01)
     for _ in range(3):  # moves the batch-norm statistics and weights away from their initial values
@@ -127,7 +126,7 @@ def test_maps_through_folded_networks_are_the_trained_models(method, data_root, 
     trained = model.student
     images = torch.randn(3, 3, SIZE, SIZE)
     expected = model.anomaly_map(images)
-    with folded_for_inference(model, memory_format(config)):
+    with folded_for_inference(model, memory_format(config.train.channels_last)):
         assert model.student is not trained
         assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.student.modules())
         got = model.anomaly_map(images)
@@ -142,12 +141,12 @@ def test_batch_norms_fold_only_in_eval_mode():
     assert fold_batchnorms(network.eval()) == 1 and isinstance(network[1], torch.nn.Identity)
 
 
-def first_step(method: str, config: dict, images: torch.Tensor,
+def first_step(method: str, config: RunSettings, images: torch.Tensor,
                dtype: torch.dtype = torch.float32) -> tuple[float, torch.Tensor]:
     """The loss of a fresh model's first training step and its gradient, flattened, computed in
     ``dtype`` in the layout ``config`` asks for."""
-    model = build_model(method, config).to(dtype).train()
-    layout = memory_format(config)
+    model = build_run_model(config).to(dtype).train()
+    layout = memory_format(config.train.channels_last)
     images = images.to(dtype).contiguous(memory_format=layout)
     model.set_exemplars(images[:2])
     loss = model.loss(images)["loss"]
@@ -177,7 +176,7 @@ def test_channels_last_evaluation_gives_the_nchw_maps(method, data_root, tmp_pat
     maps = []
     for channels_last in (True, False):
         config = tiny_config(method, data_root, tmp_path, channels_last)
-        splits = build_datasets("mvtec", config["data.root"], "widget", SIZE, 0.25, 0, False)
-        model = build_model(method, config)
+        splits = build_datasets("mvtec", config.data.root, "widget", SIZE, 0.25, 0, False)
+        model = build_run_model(config)
         maps.append(anomaly_maps(model, splits.test, config, torch.device("cpu"))["maps"])
     assert torch.allclose(maps[0], maps[1], rtol=1e-4, atol=1e-5 * maps[1].abs().max().item())

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.build import build_model
+from engine.model import build_run_model
 from models.feature_extractor import build_network, is_head
 from models.registry import BACKBONES
 from models.teacher_weights import fingerprint_weights
@@ -46,7 +46,7 @@ def test_the_built_teacher_equals_its_weights_tensor_by_tensor(backbone, tmp_pat
     source = generated_weights(backbone, tmp_path / "teacher.pth")
     config = load_config("st", ["model.pretrained=false", f"model.backbone={backbone}",
                                 f"model.teacher_weights={tmp_path / 'teacher.pth'}"])
-    model = build_model("st", config)
+    model = build_run_model(config)
     assert_teacher_is(model, source)
     assert model.teacher_fingerprint == fingerprint_weights(source)
 
@@ -54,17 +54,18 @@ def test_the_built_teacher_equals_its_weights_tensor_by_tensor(backbone, tmp_pat
 def test_training_and_evaluation_never_change_the_teacher(tmp_path):
     from datasets.build import build_datasets
     from engine.evaluation import anomaly_maps
+    from engine.records import Run
     from engine.training import train
 
     source = generated_weights("resnet18", tmp_path / "teacher.pth")
     root = make_mvtec_folder(tmp_path / "data")
     config = load_config("rd", tiny_run_args(root, tmp_path / "out", f"model.teacher_weights={tmp_path / 'teacher.pth'}",
                                              epochs=2))
-    model = build_model("rd", config)
+    model = build_run_model(config)
     splits = build_datasets("mvtec", root, "widget", 64, 0.25, 0)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    train(model, "rd", splits, config, run_dir, torch.device("cpu"), "digest")
+    train(model, splits, Run(config, "widget", run_dir, torch.device("cpu"), "digest"))
     anomaly_maps(model, splits.test, config, torch.device("cpu"))
     assert_teacher_is(model, source)
 

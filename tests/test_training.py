@@ -91,12 +91,12 @@ def test_validation_uses_train_images_only(data_root, tmp_path):
 
 def test_validation_returns_the_student_to_train_mode(data_root):
     from datasets.build import build_datasets
-    from models.build import build_model
+    from engine.model import build_run_model
     from engine.config import load_config
     from engine.training import validation_error
 
     config = load_config("st", tiny_run_args(data_root, "unused"))
-    model = build_model("st", config)
+    model = build_run_model(config)
     model.train()
     splits = build_datasets("mvtec", data_root, "widget", 64, 0.25, 0)
     error = validation_error(model, splits.val, config, torch.device("cpu"))

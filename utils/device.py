@@ -9,7 +9,6 @@ not want in the numbers.
 from __future__ import annotations
 
 import contextlib
-from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -25,21 +24,22 @@ def select_device(choice: str) -> torch.device:
     return torch.device("cuda" if choice != "cpu" and torch.cuda.is_available() else "cpu")
 
 
-def autocast(config: dict[str, Any], device: torch.device) -> contextlib.AbstractContextManager:
-    """bfloat16 autocast when ``train.amp`` is set and the device is CUDA, else nothing."""
+def autocast(amp: bool, device: torch.device) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast when ``amp`` (``train.amp``) is set and the device is CUDA, else nothing."""
     # bfloat16 keeps float32's range, so no loss scaling is needed; CPU runs stay in float32.
-    if config["train.amp"] and device.type == "cuda":
+    if amp and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
-def make_loader(dataset: Dataset, batch_size: int, config: dict[str, Any], device: torch.device,
+def make_loader(dataset: Dataset, batch_size: int, workers: int, device: torch.device,
                 generator: torch.Generator | None = None, world: World = World()) -> DataLoader:
-    """Batches of ``dataset``, shuffled by ``generator`` when one is given (training), else in order.
+    """Batches of ``dataset`` loaded by ``workers`` processes, shuffled by ``generator`` when one is
+    given (training), else in order.
 
     In a world of several processes a shuffled loader gives each rank its share of every batch.
     """
-    workers, pin = config["data.num_workers"], device.type == "cuda"
+    pin = device.type == "cuda"
     if generator is not None and world.size > 1:
         return DataLoader(dataset, batch_sampler=ShardedBatches(len(dataset), batch_size, generator, world),
                           num_workers=workers, pin_memory=pin)
@@ -47,17 +47,17 @@ def make_loader(dataset: Dataset, batch_size: int, config: dict[str, Any], devic
                       num_workers=workers, pin_memory=pin)
 
 
-def memory_format(config: dict[str, Any]) -> torch.memory_format:
-    """``torch.channels_last`` when ``train.channels_last`` is set, else the usual NCHW layout."""
-    return torch.channels_last if config["train.channels_last"] else torch.contiguous_format
+def memory_format(channels_last: bool) -> torch.memory_format:
+    """``torch.channels_last`` when ``channels_last`` (``train.channels_last``), else the usual NCHW layout."""
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
-def to_device(images: torch.Tensor, config: dict[str, Any], device: torch.device) -> torch.Tensor:
-    """A batch of images on ``device`` in the layout ``train.channels_last`` asks for.
+def to_device(images: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
+    """A batch of images on ``device``, channels-last when asked (``train.channels_last``).
 
     The copy is asynchronous from pinned memory (``make_loader`` pins on CUDA).
     """
-    return images.to(device, non_blocking=True, memory_format=memory_format(config))
+    return images.to(device, non_blocking=True, memory_format=memory_format(channels_last))
 
 
 def tune_for(device: torch.device) -> None:

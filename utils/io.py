@@ -8,8 +8,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, IO
 
-import torch
-
 from utils.errors import UserError
 
 TEMPORARY_SUFFIX = ".tmp"
@@ -114,6 +112,8 @@ def write_text(path: str | Path, text: str) -> Path:
 
 def save_torch(path: str | Path, obj: Any) -> Path:
     """Atomically ``torch.save`` ``obj``."""
+    import torch  # here, so that the JSON and text writers load no torch (predict.py --help)
+
     return atomic_write(path, lambda f: torch.save(obj, f))
 
 
