@@ -34,7 +34,7 @@ from engine.config import load_config  # noqa: E402
 from utils.device import memory_format, select_device  # noqa: E402
 from utils.metrics import evaluate_all, threshold_from_normal_scores  # noqa: E402
 from engine.thresholds import thresholds_from, write_evaluation  # noqa: E402
-from engine.visualize import save_pictures  # noqa: E402
+from engine.pictures import save_pictures  # noqa: E402
 
 
 def synthetic_test_set(n: int = 150, size: int = 256, anomalous: float = 0.3, seed: int = 0) -> dict[str, torch.Tensor]:

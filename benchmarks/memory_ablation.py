@@ -25,8 +25,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.paired import (MEMORY_OFF, Cell, Variant, add_common_options, common_arguments,  # noqa: E402
-                               compare, datasets_from, finish, parse_seeds, parse_students, run_cells, run_main)
+from benchmarks.study.cells import MEMORY_OFF, Cell, Variant, common_arguments, parse_seeds, parse_students
+from benchmarks.study.cli import add_common_options, datasets_from, run_main
+from benchmarks.study.launcher import run_cells
+from benchmarks.study.statistics import compare
+from benchmarks.study.tables import finish
 
 DEFAULT_DATASETS = "demo"
 MEMORY_ON = Variant("memory on")  # the default config (memory.enabled=true): the study's "default" runs

@@ -26,9 +26,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.paired import (DEFAULT, MEMORY_OFF, Cell, DatasetSpec, Variant, add_common_options,  # noqa: E402
-                               common_arguments, compare, datasets_from, finish, parse_names, parse_seeds,
-                               parse_students, run_cells, run_main)
+from benchmarks.study.cells import DEFAULT, MEMORY_OFF, Cell, DatasetSpec, Variant, common_arguments, parse_names, parse_seeds, parse_students
+from benchmarks.study.cli import add_common_options, datasets_from, run_main
+from benchmarks.study.launcher import run_cells
+from benchmarks.study.statistics import compare
+from benchmarks.study.tables import finish
 from utils.errors import UserError  # noqa: E402
 
 DEFAULT_DATASETS = "demo"

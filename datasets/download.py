@@ -49,6 +49,7 @@ from tqdm import tqdm
 
 from datasets.categories import BTAD_CATEGORIES, MVTEC3D_CATEGORIES, MVTEC_CATEGORIES, VISA_CATEGORIES
 from utils.errors import UserError
+from utils.locks import FileLock
 
 _TIMEOUT_S = 60.0  # per socket operation; a stalled server counts as an interruption
 _ATTEMPTS = 3  # tries per URL when the connection drops; each one resumes the partial file
@@ -313,22 +314,13 @@ def _is_present(root: Path, key: str, info: DownloadInfo, categories: Sequence[s
 @contextmanager
 def _exclusive(lock_path: Path, progress: bool) -> Iterator[None]:
     """Serialise concurrent callers (e.g. one per DDP rank) on the same root; POSIX only."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no lock, callers must not race
+    lock = FileLock(lock_path)
+    if not lock.acquire():
+        if progress:
+            print(f"waiting for another process downloading into {lock_path.parent.parent}", file=sys.stderr)
+        lock.acquire(wait=True)
+    with lock:
         yield
-        return
-    with open(lock_path, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if progress:
-                print(f"waiting for another process downloading into {lock_path.parent.parent}", file=sys.stderr)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _download(info: DownloadInfo, part: Path, key: str, root: Path, progress: bool) -> str:

@@ -9,7 +9,6 @@ init) and the fingerprint proves they match. Training writes checkpoints; nothin
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -18,6 +17,7 @@ from torch import Tensor, nn
 
 from engine.config import RunSettings, config_differences
 from utils.errors import UserError
+from utils.digests import tensors_digest
 from utils.io import save_torch
 
 # 2: the teacher is exactly its source weights (format 1 had BatchNorm statistics moved by a
@@ -30,12 +30,7 @@ REQUIRED_KEYS = ("method", "config", "epoch", "teacher_fingerprint", "data_diges
 
 def weights_digest(state: Mapping[str, Tensor]) -> str:
     """sha256 of a state_dict's names, dtypes, shapes and bytes: any flipped bit changes it."""
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        tensor = state[name].detach().cpu().contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    return tensors_digest(state)
 
 
 def save_checkpoint(path: Path, *, settings: RunSettings, student: nn.Module, fingerprint: str,

@@ -39,7 +39,7 @@ def run_categories(settings: RunSettings) -> list[dict[str, Any]] | None:
     """Run the configured category, or every category of the dataset for ``data.category=all``.
 
     Under torchrun with ``train.parallel=categories`` every process walks the same list and trains
-    each category whose run folder it can lock (utils/runlock.py), skipping those another process
+    each category whose run folder it can lock (utils/locks.py), skipping those another process
     holds; once all are done, rank 0 gathers every category's results.json, so the sweep's
     summary is written once. Returns the results on rank 0 (and in a single process), else None.
     """

@@ -25,7 +25,7 @@ from utils.device import autocast, make_loader, memory_format, to_device
 from utils.errors import UserError
 from utils.metrics import evaluate_all, threshold_from_normal_scores
 from engine.thresholds import thresholds_from, write_evaluation
-from engine.visualize import save_pictures
+from engine.pictures import save_pictures
 
 # Deployment threshold: this quantile of the anomaly scores of held-out normal images.
 NORMAL_SCORE_QUANTILE = 0.99

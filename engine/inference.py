@@ -212,7 +212,7 @@ def predict(options: PredictOptions) -> Path:
     from models.anomaly_map import image_scores
     from utils.io import write_text
     from engine.thresholds import image_threshold, mask_threshold
-    from engine.visualize import overlay_and_mask
+    from engine.pictures import overlay_and_mask
 
     # With backend=onnx the exported graph stands where the checkpoint would: default output, messages.
     checkpoint, source = options.model, options.input

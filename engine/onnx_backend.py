@@ -10,13 +10,13 @@ deployment needs only torch (for tensors), numpy and onnxruntime.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from engine.thresholds import finite_or_none
 from utils.errors import UserError
 
 JSON_FORMAT = "memkd-onnx"
@@ -66,11 +66,6 @@ def check_metadata(metadata: Any, path: Path) -> None:
                         "export the run again with export.py")
 
 
-def _threshold(value: Any) -> float | None:
-    """A stored threshold as a float, or None where it was undefined (null in the JSON)."""
-    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
-
-
 class OnnxScorer:
     """An exported graph and its JSON, scoring on the CPU with onnxruntime.
 
@@ -99,7 +94,7 @@ class OnnxScorer:
         self.std: tuple[float, ...] = tuple(float(v) for v in entry["std"])
         self.method: str = metadata["method"]
         self.name: str = metadata["name"]
-        self.thresholds: dict[str, float | None] = {k: _threshold(v) for k, v in metadata["thresholds"].items()}
+        self.thresholds: dict[str, float | None] = {k: finite_or_none(v) for k, v in metadata["thresholds"].items()}
         try:
             import onnxruntime
         except ImportError:

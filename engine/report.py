@@ -6,22 +6,22 @@ import io
 import json
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from utils.io import write_text
+from utils.metrics import is_finite_number, metric_columns
 
 # (results.json key, column header); values are fractions, printed as percentages like the papers.
-COLUMNS: tuple[tuple[str, str], ...] = (
-    ("image_auroc", "I-AUROC"), ("pixel_auroc", "P-AUROC"), ("pixel_aupro", "AUPRO"),
-    ("image_f1_max", "I-F1max"), ("pixel_f1_max", "P-F1max"), ("image_ap", "I-AP"),
-)
+COLUMNS: tuple[tuple[str, str], ...] = metric_columns(
+    ("image_auroc", "pixel_auroc", "pixel_aupro", "image_f1_max", "pixel_f1_max", "image_ap"))
 
 
-def mean_row(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Mean of each metric over categories, ignoring categories where it is undefined (NaN/None)."""
+def mean_row(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str]] = COLUMNS) -> dict[str, Any]:
+    """Mean of each metric of ``columns`` over categories, ignoring categories where it is undefined
+    (None, NaN or inf), as the row labelled "mean"; None where no category defines it."""
     mean: dict[str, Any] = {"category": "mean"}
-    for key, _ in COLUMNS:
-        values = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and not math.isnan(r[key])]
+    for key, _ in columns:
+        values = [float(r[key]) for r in rows if is_finite_number(r.get(key))]
         mean[key] = sum(values) / len(values) if values else None
     return mean
 

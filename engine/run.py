@@ -18,7 +18,7 @@ from engine.checkpoint import FORMAT_VERSION, load_checkpoint
 from engine.config import RunSettings
 from engine.evaluation import evaluate_checkpoint
 from engine.model import build_run_model
-from engine.plots import save_training_curves
+from engine.pictures import save_training_curves
 from engine.records import RESULTS_FILE, Run, finished_results, run_directory, training_data_digest
 from engine.training import TrainingState, train
 from models.memkd import MemKD
@@ -26,7 +26,7 @@ from utils.device import select_device
 from utils.distributed import World, barrier, main_says
 from utils.errors import UserError
 from utils.io import remove_stale_temporaries, write_json
-from utils.runlock import RunLock
+from utils.locks import RunLock
 
 
 def _ensure_writable(folder: Path) -> None:
@@ -54,7 +54,7 @@ def run_category(settings: RunSettings, category: str, world: World = World(),
     """Train (unless phase=test), evaluate the best checkpoint, write and return results.json.
 
     Every check (data, teacher, checkpoints) runs before the run folder is created, so a run that
-    fails them leaves nothing behind. The folder is then locked (utils/runlock.py): when another
+    fails them leaves nothing behind. The folder is then locked (utils/locks.py): when another
     live process holds it, this is a one-line error, or with ``skip_if_busy`` (sweeps) None.
     Under ``train.parallel=data`` every rank trains; rank 0 alone holds the folder, evaluates and
     writes, and the other ranks return None.

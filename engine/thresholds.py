@@ -32,7 +32,8 @@ THRESHOLD_KEYS: tuple[str, ...] = ("normal_threshold", "image_f1_threshold", "pi
 IMAGE_THRESHOLD_CHOICES: dict[str, str] = {"normal": "normal_threshold", "f1": "image_f1_threshold"}
 
 
-def _finite_or_none(value: Any) -> float | None:
+def finite_or_none(value: Any) -> float | None:
+    """A stored threshold as a float, or None where it is undefined (nan, inf, null, missing)."""
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
@@ -41,8 +42,8 @@ def thresholds_from(metrics: dict[str, Any], maps: torch.Tensor) -> dict[str, fl
 
     Undefined thresholds (nan metrics, no validation slice) are stored as None.
     """
-    found = {key: _finite_or_none(metrics.get(key)) for key in THRESHOLD_KEYS if key != "map_low"}
-    found["map_low"] = _finite_or_none(float(maps.min())) if maps.numel() else None
+    found = {key: finite_or_none(metrics.get(key)) for key in THRESHOLD_KEYS if key != "map_low"}
+    found["map_low"] = finite_or_none(float(maps.min())) if maps.numel() else None
     return found
 
 
@@ -85,7 +86,7 @@ def read_evaluation(checkpoint: Path, state: dict[str, Any]) -> tuple[dict[str, 
     if record.get("student_digest") != state.get("student_digest"):
         raise UserError(f"{path} belongs to other weights than {checkpoint}; evaluate again with phase=test")
     thresholds = record["thresholds"]
-    return dict(record["scoring"]), {key: _finite_or_none(thresholds.get(key)) for key in THRESHOLD_KEYS}
+    return dict(record["scoring"]), {key: finite_or_none(thresholds.get(key)) for key in THRESHOLD_KEYS}
 
 
 def image_threshold(thresholds: dict[str, float | None], choice: str, path: Path) -> float:

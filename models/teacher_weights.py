@@ -1,7 +1,6 @@
 """Where the teacher's ImageNet weights come from, and a plain statement of which ones were used."""
 from __future__ import annotations
 
-import hashlib
 import sys
 from pathlib import Path
 from typing import Mapping
@@ -10,15 +9,8 @@ import torch
 from torch import Tensor
 
 from models.feature_extractor import build_network, is_head, pinned_weights
+from utils.digests import file_sha256, tensors_digest
 from utils.errors import UserError
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def fingerprint_weights(state: Mapping[str, Tensor]) -> str:
@@ -27,12 +19,7 @@ def fingerprint_weights(state: Mapping[str, Tensor]) -> str:
     Taken from the weights as loaded, never from a built module, so that nothing a module does
     to its tensors (such as a BatchNorm updating running statistics) can hide behind it.
     """
-    digest = hashlib.sha256()
-    for name in sorted(k for k in state if not is_head(k)):
-        tensor = state[name].detach().cpu().contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.numpy().tobytes())
-    return digest.hexdigest()[:16]
+    return tensors_digest(state, skip=is_head)[:16]
 
 
 def read_state_dict(path: Path) -> dict[str, Tensor]:
@@ -71,7 +58,7 @@ def resolve_teacher_weights(backbone: str, pretrained: bool, teacher_weights: st
             first = str(e).strip().splitlines()[0][:200]
             raise UserError(f"model.teacher_weights {path} does not fit backbone {backbone} ({first}); "
                             f"give {backbone} weights or set model.backbone to the file's architecture") from None
-        return state, f"local file {path} (sha256 {sha256_of(path)[:16]})"
+        return state, f"local file {path} (sha256 {file_sha256(path)[:16]})"
     if not pretrained:
         return None, "random init (model.pretrained=false): not an ImageNet teacher"
     weights = pinned_weights(backbone)

@@ -1,4 +1,4 @@
-"""benchmarks/paired.py, memory_ablation.py and memory_study.py: paired statistics, planning, resuming."""
+"""benchmarks/study/, memory_ablation.py and memory_study.py: paired statistics, planning, resuming."""
 import csv
 import io
 import math
@@ -8,9 +8,12 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from benchmarks import memory_ablation, memory_study, paired
-from benchmarks.paired import (DEFAULT, MEMORY_OFF, Cell, CellResult, DatasetSpec, Variant, category_mean, compare,
-                               format_csv, format_markdown, paired_difference)
+from benchmarks import memory_ablation, memory_study
+from benchmarks.study import cells, cli, launcher
+from engine.report import mean_row
+from benchmarks.study.cells import DEFAULT, MEMORY_OFF, Cell, CellResult, DatasetSpec, Variant
+from benchmarks.study.statistics import METRICS, compare, paired_difference
+from benchmarks.study.tables import format_csv, format_markdown
 from tests.fixtures import make_mvtec_folder
 from engine.config import SCHEMA
 from utils.errors import UserError
@@ -45,7 +48,9 @@ def test_paired_difference_with_one_pair_has_no_interval_and_identical_differenc
 def test_category_mean_ignores_undefined_metrics():
     results = [{"image_auroc": 0.8, "pixel_auroc": 0.9, "pixel_aupro": None},
                {"image_auroc": 0.6, "pixel_auroc": float("nan"), "pixel_aupro": 0.5}]
-    assert category_mean(results) == pytest.approx({"image_auroc": 0.7, "pixel_auroc": 0.9, "pixel_aupro": 0.5})
+    mean = mean_row(results, METRICS)
+    assert mean.pop("category") == "mean"
+    assert mean == pytest.approx({"image_auroc": 0.7, "pixel_auroc": 0.9, "pixel_aupro": 0.5})
 
 
 DEMO = DatasetSpec("demo", ())
@@ -105,16 +110,16 @@ def test_tables_show_mean_std_and_the_interval_in_percent_and_csv_keeps_fraction
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda tmp: paired.parse_seeds("0,a"), "--seeds"),
-    (lambda tmp: paired.parse_seeds("1,1"), "distinct"),
-    (lambda tmp: paired.parse_students("st,cnn"), "--students"),
-    (lambda tmp: paired.named_datasets(["magnetic_tile"], shared=tmp), "magnetic_tile needs"),
-    (lambda tmp: paired.named_datasets(["mvtec"]), "unknown dataset 'mvtec'"),
-    (lambda tmp: paired.custom_dataset(tmp / "absent", "mvtec", "all"), "not a folder"),
-    (lambda tmp: paired.common_arguments(["train.seed=3"], None, memory_ablation.RESERVED), "--seeds"),
-    (lambda tmp: paired.common_arguments(["memory.enabled=false"], None, memory_study.RESERVED), "memory.enabled"),
-    (lambda tmp: paired.common_arguments(["train.epochs=3"], 2, {}), "--epochs"),
-    (lambda tmp: paired.datasets_from(Namespace(data_root=str(tmp), datasets="demo"), "demo"), "not both"),
+    (lambda tmp: cells.parse_seeds("0,a"), "--seeds"),
+    (lambda tmp: cells.parse_seeds("1,1"), "distinct"),
+    (lambda tmp: cells.parse_students("st,cnn"), "--students"),
+    (lambda tmp: cells.named_datasets(["magnetic_tile"], shared=tmp), "magnetic_tile needs"),
+    (lambda tmp: cells.named_datasets(["mvtec"], shared=tmp), "unknown dataset 'mvtec'"),
+    (lambda tmp: cells.custom_dataset(tmp / "absent", "mvtec", "all"), "not a folder"),
+    (lambda tmp: cells.common_arguments(["train.seed=3"], None, memory_ablation.RESERVED), "--seeds"),
+    (lambda tmp: cells.common_arguments(["memory.enabled=false"], None, memory_study.RESERVED), "memory.enabled"),
+    (lambda tmp: cells.common_arguments(["train.epochs=3"], 2, {}), "--epochs"),
+    (lambda tmp: cli.datasets_from(Namespace(data_root=str(tmp), datasets="demo", shared=tmp), "demo"), "not both"),
     (lambda tmp: memory_study.chosen_settings("memory.slot", SCHEMA), "unknown setting 'memory.slot'"),
     (lambda tmp: memory_study.chosen_settings("memory.slots", {}), "no config key memory.slots"),
 ])
@@ -128,7 +133,7 @@ def test_the_magnetic_tile_preset_points_at_the_shared_folder(tmp_path):
     (tmp_path / "data" / "magnetic_tile").mkdir(parents=True)
     (tmp_path / "weights").mkdir()
     (tmp_path / "weights" / "mobilenet_v2_imagenet1k.pth").write_bytes(b"")
-    spec, = paired.named_datasets(["magnetic_tile"], shared=tmp_path)
+    spec, = cells.named_datasets(["magnetic_tile"], shared=tmp_path)
     assert f"data.root={tmp_path / 'data' / 'magnetic_tile'}" in spec.args
     assert "model.backbone=mobilenet_v2" in spec.args and "data.image_size=128" in spec.args
 
@@ -149,7 +154,7 @@ def test_a_variants_override_wins_over_the_shared_ones_and_names_its_folder(tmp_
 def test_the_study_leaves_out_a_value_equal_to_the_default_and_keys_the_config_lacks(tmp_path):
     keys, notes = memory_study.chosen_settings(None, {k: v for k, v in SCHEMA.items() if k != "memory.fusion"})
     assert "memory.fusion" not in keys and any("memory.fusion" in note for note in notes)
-    dataset = paired.custom_dataset(make_mvtec_folder(tmp_path / "data"), "mvtec", "widget")
+    dataset = cells.custom_dataset(make_mvtec_folder(tmp_path / "data"), "mvtec", "widget")
     variants, notes = memory_study.plan([dataset], ["st", "rd"], ["loss.lambda2", "memory.slots"], tmp_path,
                                         ["loss.lambda2=1.0"])
     assert [v.name for v in variants[("widget", "st")]] == ["loss.lambda2=0.0", "memory.slots=10", "memory.slots=200"]
@@ -189,7 +194,7 @@ def test_the_ablation_trains_each_cell_once_and_a_second_invocation_trains_nothi
         launched.append(args)
         return script_main(student, args)
 
-    monkeypatch.setattr(paired, "launch", in_process)
+    monkeypatch.setattr(launcher, "launch", in_process)
     assert memory_ablation.main(argv) == 0
     assert len(launched) == 2 and any("memory.enabled=false" in args for args in launched)
     table = (out / "ablation.csv").read_text()
@@ -211,7 +216,7 @@ def test_the_ablation_trains_each_cell_once_and_a_second_invocation_trains_nothi
 
 
 def test_a_failing_run_stops_the_study_with_its_exit_code(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(paired, "launch", lambda student, args: 2)
+    monkeypatch.setattr(launcher, "launch", lambda student, args: 2)
     root = make_mvtec_folder(tmp_path / "data")
     code = memory_ablation.main(["--data-root", str(root), "--category", "widget", "--seeds", "0", "--students", "rd",
                                  "--epochs", "1", "--out", str(tmp_path / "out"), *TINY])
@@ -238,14 +243,14 @@ def test_jobs_two_trains_two_runs_at_once_and_the_tables_match_one_at_a_time(tmp
         with one_training:
             return script_main(student, args)
 
-    monkeypatch.setattr(paired, "launch", in_process)
+    monkeypatch.setattr(launcher, "launch", in_process)
     argv = ["--data-root", str(root), "--category", "widget", "--seeds", "0", "--students", "st", "--epochs", "1", *TINY]
     assert memory_ablation.main([*argv, "--jobs", "2", "--out", str(tmp_path / "parallel")]) == 0
     assert len(logs) == 2 and all(threads >= 1 for _, threads in logs)
     assert sorted(str(log.relative_to(tmp_path / "parallel")) for log, _ in logs) == [
         "runs/widget/st/default/seed0/train.log", "runs/widget/st/memory.enabled=false/seed0/train.log"]
 
-    monkeypatch.setattr(paired, "launch", lambda student, args: script_main(student, args))
+    monkeypatch.setattr(launcher, "launch", lambda student, args: script_main(student, args))
     assert memory_ablation.main([*argv, "--out", str(tmp_path / "serial")]) == 0
     assert ((tmp_path / "parallel" / "ablation.csv").read_text()
             == (tmp_path / "serial" / "ablation.csv").read_text())  # the same runs, so the same table
@@ -258,7 +263,7 @@ def test_with_jobs_a_failure_starts_no_more_runs_and_names_the_log(tmp_path, mon
         launched.append(args)
         return 3
 
-    monkeypatch.setattr(paired, "launch", failing)
+    monkeypatch.setattr(launcher, "launch", failing)
     root = make_mvtec_folder(tmp_path / "data")
     code = memory_ablation.main(["--data-root", str(root), "--category", "widget", "--seeds", "0,1", "--students",
                                  "st", "--epochs", "1", "--jobs", "2", "--out", str(tmp_path / "out"), *TINY])
@@ -279,11 +284,11 @@ def test_launch_writes_the_runs_output_to_its_log_and_sets_the_thread_count(tmp_
     script = tmp_path / "fake_train.py"
     script.write_text("import os, sys\nprint('threads', os.environ.get('OMP_NUM_THREADS'), 'args', *sys.argv[1:])\n"
                       "print('oops', file=sys.stderr)\nsys.exit(5)\n")
-    monkeypatch.setitem(paired.SCRIPTS, "st", script)
+    monkeypatch.setitem(cells.SCRIPTS, "st", script)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     log = tmp_path / "new" / "folder" / "train.log"
-    assert paired.launch("st", ["a=1"], log=log, threads=3) == 5
+    assert launcher.launch("st", ["a=1"], log=log, threads=3) == 5
     assert log.read_text().splitlines() == ["threads 3 args a=1", "oops"]
     monkeypatch.setenv("OMP_NUM_THREADS", "7")  # the caller's own setting wins
-    assert paired.launch("st", [], log=log, threads=3) == 5
+    assert launcher.launch("st", [], log=log, threads=3) == 5
     assert log.read_text().startswith("threads 7 args")

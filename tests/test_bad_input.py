@@ -22,7 +22,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import models
 
-from utils.runlock import LOCK_NAME
+from utils.locks import LOCK_NAME
 from tests.fixtures import make_mvtec_folder, tiny_run_args
 from engine.cli import main
 from utils.errors import UserError

@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 from tests.fixtures import make_user_folder
 from engine.cli import main
 from utils.distributed import ShardedBatches, World, average_gradients
-from utils.runlock import RunLock
+from utils.locks import RunLock
 
 ROOT = Path(__file__).resolve().parent.parent
 CATEGORIES = ("aa", "bb", "cc")
@@ -132,7 +132,7 @@ def test_a_run_folder_held_by_a_live_process_is_refused_naming_it(folder_root, t
 def test_a_lock_left_by_a_killed_process_does_not_block_the_rerun(folder_root, tmp_path):
     out = tmp_path / "out"
     folder = out / "memkd-st/folder/aa"
-    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); from utils.runlock import RunLock; "
+    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); from utils.locks import RunLock; "
             "assert RunLock(sys.argv[2]).acquire(); print('locked', flush=True); time.sleep(600)")
     child = subprocess.Popen([sys.executable, "-c", code, str(ROOT), str(folder)], stdout=subprocess.PIPE, text=True)
     try:

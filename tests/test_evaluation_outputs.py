@@ -18,7 +18,7 @@ from tests.fixtures import make_mvtec_folder, tiny_run_args, texture
 from engine.cli import main
 from engine.report import COLUMNS, PAPER_MEANS, write_summary
 from engine.thresholds import THRESHOLD_KEYS
-from engine.visualize import CELL_PIXELS, GAP_PIXELS, choose_examples, example_cells, outline
+from engine.pictures import CELL_PIXELS, GAP_PIXELS, choose_examples, example_cells, outline
 
 ROOT = Path(__file__).resolve().parent.parent
 

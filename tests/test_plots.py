@@ -1,12 +1,13 @@
-"""engine/plots.py: training curves from history.json records, and a study's paired differences."""
+"""Line and interval pictures: a run's training curves (engine/pictures.py) and a study's paired
+differences (benchmarks/study/tables.py)."""
 import math
 
 import pytest
 from PIL import Image
 
 from utils.errors import UserError
-from engine.plots import (paired_differences_figure, save_paired_differences, save_training_curves,
-                         training_curves_figure)
+from benchmarks.study.tables import paired_differences_figure, save_paired_differences
+from engine.pictures import save_training_curves, training_curves_figure
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

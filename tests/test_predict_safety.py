@@ -22,9 +22,9 @@ from PIL import Image
 import engine.inference as inference
 from engine.config import load_config
 import engine.inputs as inputs
-import engine.visualize
+import engine.pictures
 from tests.test_io_safety import bomb_png
-from engine.visualize import overlay_and_mask, resize_map_region, tiles
+from engine.pictures import overlay_and_mask, resize_map_region, tiles
 
 MODEL_SIZE = 32
 THRESHOLDS = {"normal_threshold": 0.5, "image_f1_threshold": 0.5, "pixel_f1_threshold": 0.5, "map_low": -2.0}
@@ -349,17 +349,17 @@ def test_drawing_memory_does_not_grow_with_the_image(monkeypatch):
     than those of a 0.25 Mpx one: only the three 8-bit pictures (input, overlay, mask; Pillow's own
     memory, 9 bytes a pixel) grow with the image. Drawing the whole map at once, as predict.py
     did, needs about 60 bytes a pixel of float arrays."""
-    monkeypatch.setattr(engine.visualize, "TILE_PIXELS", 1 << 14)
+    monkeypatch.setattr(engine.pictures, "TILE_PIXELS", 1 << 14)
     amap = np.random.default_rng(0).random((MODEL_SIZE, MODEL_SIZE)).astype(np.float32)
     small, large = Image.new("RGB", (500, 500), (90, 90, 90)), Image.new("RGB", (2000, 2000), (90, 90, 90))
 
     def draw(image: Image.Image) -> None:
         overlay, mask = overlay_and_mask(image, amap, 0.0, 0.5, draw_mask=True,
-                                         tile_pixels=engine.visualize.TILE_PIXELS)
+                                         tile_pixels=engine.pictures.TILE_PIXELS)
         assert overlay.size == mask.size == image.size
 
     draw(small)  # imports matplotlib's colour maps once, outside the measurement
     peak_small, peak_large = _traced_peak(lambda: draw(small)), _traced_peak(lambda: draw(large))
     assert peak_large < 1.5 * peak_small + (256 << 10), (peak_small, peak_large)
     # About 110 bytes per pixel of one tile (the colour map's float64 RGBA is most of it).
-    assert peak_large < 200 * engine.visualize.TILE_PIXELS, (peak_large, "bounded by the tile, not the picture")
+    assert peak_large < 200 * engine.pictures.TILE_PIXELS, (peak_large, "bounded by the tile, not the picture")

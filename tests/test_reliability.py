@@ -22,7 +22,7 @@ import torch
 
 import engine.run as engine
 import engine.training as training
-from utils.runlock import LOCK_NAME
+from utils.locks import LOCK_NAME
 from models.memkd import MemKD
 from tests.fixtures import make_mvtec_folder, tiny_run_args
 from engine.checkpoint import FORMAT_VERSION, load_checkpoint

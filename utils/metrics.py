@@ -48,6 +48,24 @@ METRIC_KEYS: tuple[str, ...] = (
     "pixel_ap",
 )
 
+# How tables and plots name each metric of evaluate_all: key -> (column header, title).
+METRIC_NAMES: dict[str, tuple[str, str]] = {
+    "image_auroc": ("I-AUROC", "image AUROC"), "pixel_auroc": ("P-AUROC", "pixel AUROC"),
+    "pixel_aupro": ("AUPRO", "AUPRO"), "image_f1_max": ("I-F1max", "image F1-max"),
+    "pixel_f1_max": ("P-F1max", "pixel F1-max"), "image_ap": ("I-AP", "image AP"), "pixel_ap": ("P-AP", "pixel AP"),
+}
+
+
+def is_finite_number(value: object) -> bool:
+    """True for an int or float that is neither nan nor inf (a defined metric); False for None, bools."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def metric_columns(keys: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """``(key, column header)`` of each metric of ``keys``, for a table."""
+    return tuple((key, METRIC_NAMES[key][0]) for key in keys)
+
+
 _NAN = float("nan")
 
 

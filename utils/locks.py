@@ -1,9 +1,9 @@
-"""A run folder belongs to one process at a time.
+"""File locks: a run folder belongs to one process at a time, and so does a dataset download.
 
-The lock is an advisory ``flock`` on ``<run folder>/.lock``: the kernel drops it when its holder
-exits, however it dies, so a lock left by a killed process never blocks the rerun. The file holds
-who took it (host, pid, time), for the message a second process gets. POSIX only: where ``fcntl``
-does not exist (Windows), runs are not locked. On network file systems ``flock`` may not reach
+A lock is an advisory ``flock`` on a lock file: the kernel drops it when its holder exits,
+however it dies, so a lock left by a killed process never blocks the rerun. The file holds who
+took it (host, pid, time), for the message a second process gets. POSIX only: where ``fcntl``
+does not exist (Windows), nothing is locked. On network file systems ``flock`` may not reach
 other machines: give each machine its own ``output.dir`` there, or rely on one sweep per folder.
 """
 from __future__ import annotations
@@ -19,24 +19,24 @@ try:
 except ImportError:  # Windows
     fcntl = None  # type: ignore[assignment]
 
-LOCK_NAME = ".lock"
+LOCK_NAME = ".lock"  # a run folder's lock file
 
 
-class RunLock:
-    """Hold ``folder``'s lock from :meth:`acquire` until :meth:`release` (or the process ends)."""
+class FileLock:
+    """Hold the lock of the file ``path`` from :meth:`acquire` until :meth:`release` (or the process ends)."""
 
-    def __init__(self, folder: Path):
-        self.path = Path(folder) / LOCK_NAME
+    def __init__(self, path: Path):
+        self.path = Path(path)
         self._fd: int | None = None
 
-    def acquire(self) -> bool:
-        """Take the lock without waiting; False when another live process holds it."""
+    def acquire(self, wait: bool = False) -> bool:
+        """Take the lock; without ``wait``, False at once when another live process holds it."""
         if fcntl is None:
             return True
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             os.close(fd)
             return False
@@ -62,8 +62,15 @@ class RunLock:
             os.close(self._fd)
             self._fd = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> "FileLock":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+class RunLock(FileLock):
+    """The lock of a run folder: ``<folder>/.lock``."""
+
+    def __init__(self, folder: Path):
+        super().__init__(Path(folder) / LOCK_NAME)

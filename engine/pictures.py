@@ -1,4 +1,5 @@
-"""Pictures of a run: heatmap overlays, binary masks, the examples grid and the ROC curves.
+"""Pictures of a run: heatmap overlays, binary masks, the examples grid, the ROC curves and the
+training curves (curves.png, from history.json's records).
 
 Drawing uses matplotlib's Agg canvas directly (no pyplot, so no global backend state and no
 window), at screen resolution. matplotlib is imported inside the drawing functions so that
@@ -13,13 +14,15 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from datasets.images import IMAGENET_MEAN, IMAGENET_STD
+from utils.errors import UserError
 from utils.io import atomic_write
+from utils.metrics import is_finite_number
 
 DPI = 100
 CELL_PIXELS = 200  # side of one picture of the examples grid, in screen pixels
@@ -372,3 +375,87 @@ def save_pictures(run_dir: Path, dataset: Sequence[dict[str, Any]], test: dict[s
         draw_roc(run_dir / "roc.png", scores, labels, maps, masks, has_mask, metrics.get("image_auroc"),
                  metrics.get("pixel_auroc")),
     ]
+
+
+# --------------------------------------------------------------------------- training curves
+
+LOSS_CURVES: tuple[tuple[str, str], ...] = (
+    ("loss", "L (total)"), ("kd", "L_KD"), ("nm", "L_NM"), ("orth", "L_Orth"), ("val_kd", "validation L_KD"),
+)
+ENTROPY_CURVES: tuple[tuple[str, str], ...] = (
+    ("recall_entropy", "student queries"), ("exemplar_entropy", "exemplar queries"),
+)
+
+
+def number_or_nan(value: Any) -> float:
+    """``value`` as a float, NaN when it is missing or not a finite number (drawn as a gap)."""
+    return float(value) if is_finite_number(value) else math.nan
+
+
+def training_curves_figure(history: Sequence[Mapping[str, Any]], title: str | None = None) -> Any:
+    """The matplotlib Figure of :func:`save_training_curves` (exposed so tests can inspect its lines).
+
+    Left panel: every loss term present in ``history`` by epoch, on a log scale when all drawn
+    values are positive (the terms differ by orders of magnitude), else linear. Right panel: the
+    normalised recall entropy of student and exemplar queries on [0, 1], or a note when the run
+    had no memory. Keys absent from every record are left out of the legend.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    records = [r for r in history if isinstance(r, Mapping)]
+    if not records:
+        raise UserError("the training history is empty: no epoch was trained, so there are no curves to draw; "
+                        "train at least one epoch (train.epochs >= 1, phase=train)")
+    epochs = [number_or_nan(r.get("epoch", i + 1)) for i, r in enumerate(records)]
+    fig = Figure(figsize=(10, 4), dpi=DPI, layout="constrained")
+    loss_ax, entropy_ax = fig.subplots(1, 2)
+
+    drawn: list[float] = []
+    for key, label in LOSS_CURVES:
+        values = [number_or_nan(r.get(key)) for r in records]
+        if all(math.isnan(v) for v in values):
+            continue
+        loss_ax.plot(epochs, values, marker="o", markersize=3, label=label)
+        drawn += [v for v in values if not math.isnan(v)]
+    if drawn and min(drawn) > 0:
+        loss_ax.set_yscale("log")
+    loss_ax.set(xlabel="epoch", ylabel="loss", title="losses")
+    if drawn:
+        loss_ax.legend(fontsize="small")
+
+    has_entropy = False
+    for key, label in ENTROPY_CURVES:
+        values = [number_or_nan(r.get(key)) for r in records]
+        if all(math.isnan(v) for v in values):
+            continue
+        entropy_ax.plot(epochs, values, marker="o", markersize=3, label=label)
+        has_entropy = True
+    entropy_ax.set(xlabel="epoch", ylabel="normalised entropy (1 = uniform read)", ylim=(0, 1.02),
+                   title="recall entropy of the memory reads")
+    if has_entropy:
+        entropy_ax.legend(fontsize="small")
+    else:
+        entropy_ax.text(0.5, 0.5, "no memory in this run:\nno recall entropy", ha="center", va="center",
+                        transform=entropy_ax.transAxes, color="grey")
+    known_epochs = [e for e in epochs if not math.isnan(e)] or [1.0]
+    for ax in (loss_ax, entropy_ax):
+        ax.grid(True, alpha=0.3)
+        # Integer epochs only, on the same range in both panels: a one-epoch run would otherwise get
+        # ticks at 0.96, 0.98, ... and the entropy panel of a baseline run an unrelated 0..1 axis.
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        ax.set_xlim(min(known_epochs) - 0.5, max(known_epochs) + 0.5)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def save_training_curves(history: list[dict], path: Path, title: str | None = None) -> Path:
+    """Write ``path`` (curves.png) from a run's history.json records and return ``path``.
+
+    Each record is one epoch: ``epoch``, ``loss``, ``kd``, and with memory ``nm``, ``orth``,
+    ``recall_entropy``, ``exemplar_entropy``; ``val_kd`` when a validation slice exists. Any of
+    them may be missing (a baseline run has no memory terms). The file is replaced atomically;
+    an empty history is a UserError and leaves any earlier file untouched.
+    """
+    return save_figure(training_curves_figure(history, title), Path(path))
