@@ -181,6 +181,7 @@ TINY = ["data.image_size=64", "data.num_workers=0", "data.val_fraction=0.25", "m
         "train.device=cpu", "eval.max_pictures=0"]
 
 
+@pytest.mark.slow
 def test_the_ablation_trains_each_cell_once_and_a_second_invocation_trains_nothing(tmp_path, monkeypatch):
     from engine.cli import main as script_main
 
@@ -215,6 +216,7 @@ def test_the_ablation_trains_each_cell_once_and_a_second_invocation_trains_nothi
     assert launched == []
 
 
+@pytest.mark.slow
 def test_a_failing_run_stops_the_study_with_its_exit_code(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(launcher, "launch", lambda student, args: 2)
     root = make_mvtec_folder(tmp_path / "data")
@@ -227,6 +229,7 @@ def test_a_failing_run_stops_the_study_with_its_exit_code(tmp_path, monkeypatch,
 # --------------------------------------------------------------------------- several runs at once
 
 
+@pytest.mark.slow
 def test_jobs_two_trains_two_runs_at_once_and_the_tables_match_one_at_a_time(tmp_path, monkeypatch):
     import threading
 
@@ -256,6 +259,7 @@ def test_jobs_two_trains_two_runs_at_once_and_the_tables_match_one_at_a_time(tmp
             == (tmp_path / "serial" / "ablation.csv").read_text())  # the same runs, so the same table
 
 
+@pytest.mark.slow
 def test_with_jobs_a_failure_starts_no_more_runs_and_names_the_log(tmp_path, monkeypatch, capsys):
     launched = []
 

@@ -211,6 +211,7 @@ def test_the_table_covers_at_least_twenty_distinct_inputs() -> None:
     assert len(CASES) >= 20 and len({c.name for c in CASES}) == len(CASES)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_bad_input_gives_one_line_and_exit_code_2(case: Case, finished: tuple[Path, Path], tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str],
@@ -237,6 +238,7 @@ def test_bad_input_gives_one_line_and_exit_code_2(case: Case, finished: tuple[Pa
     assert snapshot(out) == finished_before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra, says", [
     (["train.epoch=3"], "unknown config key 'train.epoch'"),
     (["data.root=/nonexistent/mvtec", "data.category=bottle"], "data not found"),
@@ -252,6 +254,7 @@ def test_as_a_subprocess_exit_code_2_and_no_traceback(extra: list[str], says: st
     assert snapshot(out) == before
 
 
+@pytest.mark.slow
 def test_debug_shows_the_traceback(finished: tuple[Path, Path]) -> None:
     data, out = finished
     with pytest.raises(UserError, match="data not found"):

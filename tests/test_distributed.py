@@ -21,6 +21,9 @@ from engine.cli import main
 from utils.distributed import ShardedBatches, World, average_gradients
 from utils.locks import RunLock
 
+# End to end: each test trains through the scripts, runs benchmarks or several processes.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 CATEGORIES = ("aa", "bb", "cc")
 

@@ -42,6 +42,7 @@ def trained(tmp_path_factory):
 # --------------------------------------------------------------------------- thresholds
 
 
+@pytest.mark.slow
 def test_thresholds_are_stored_beside_best_pt_and_in_results_json(trained):
     _, _, run_dir, _ = trained
     best = torch.load(run_dir / "best.pt", weights_only=True)
@@ -62,6 +63,7 @@ def test_thresholds_are_stored_beside_best_pt_and_in_results_json(trained):
 # --------------------------------------------------------------------------- pictures
 
 
+@pytest.mark.slow
 def test_pictures_are_drawn_at_screen_resolution(trained):
     _, _, run_dir, _ = trained
     with Image.open(run_dir / "examples.png") as examples, Image.open(run_dir / "roc.png") as roc:
@@ -72,6 +74,7 @@ def test_pictures_are_drawn_at_screen_resolution(trained):
         assert roc.size == (800, 400)
 
 
+@pytest.mark.slow
 def test_max_pictures_zero_draws_nothing_and_removes_old_pictures(trained, tmp_path):
     data_root, out, _, _ = trained
     copy = tmp_path / "results"
@@ -135,6 +138,7 @@ def read_scores(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_predict_writes_overlays_masks_at_original_size_and_a_csv(trained, tmp_path, capsys):
     _, _, run_dir, _ = trained
     sizes = write_new_images(tmp_path / "new")
@@ -158,6 +162,7 @@ def test_predict_writes_overlays_masks_at_original_size_and_a_csv(trained, tmp_p
                 assert not np.asarray(mask).any()  # no mask contradicts its decision
 
 
+@pytest.mark.slow
 def test_predict_scores_test_images_exactly_as_evaluation_does(trained, tmp_path):
     from datasets.build import build_datasets
     from models.anomaly_map import image_scores
@@ -179,6 +184,7 @@ def test_predict_scores_test_images_exactly_as_evaluation_does(trained, tmp_path
         assert float(row["threshold"]) == pytest.approx(thresholds["image_f1_threshold"], rel=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case, fragment", [
     ("empty folder", "no images in"),
     ("unreadable image", "cannot read image"),
@@ -225,6 +231,7 @@ def test_predict_missing_checkpoint_exits_with_code_2(tmp_path):
 # --------------------------------------------------------------------------- summary
 
 
+@pytest.mark.slow
 def test_a_run_regenerates_the_summary_and_prints_the_same_columns(trained):
     _, out, _, printed = trained
     assert f"report: {out / 'summary.md'}" in printed

@@ -28,6 +28,9 @@ from tests.fixtures import make_mvtec_folder, tiny_run_args
 from engine.cli import main as train
 from engine.onnx_backend import OnnxScorer, sidecar_path
 
+# End to end: each test trains through the scripts, runs benchmarks or several processes.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 # (script's method, run folder, memory.enabled): MemKD-ST, STPM, MemKD-RD, RD4AD.
 CASES = [("st", "memkd-st", "true"), ("st", "stpm", "false"), ("rd", "memkd-rd", "true"), ("rd", "rd4ad", "false")]

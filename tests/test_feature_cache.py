@@ -137,6 +137,7 @@ def _same_weights(a: dict, b: dict) -> float:
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_training_with_the_cache_trains_the_same_model_bit_for_bit(data_root, tmp_path, channels_last):
     # 12 training images in batches of 3: every step sees a full batch, as the cache computes them.
@@ -148,6 +149,7 @@ def test_training_with_the_cache_trains_the_same_model_bit_for_bit(data_root, tm
     assert _same_weights(weights, plain_weights) == 0.0
 
 
+@pytest.mark.slow
 def test_streaming_everything_is_training_without_a_cache(data_root, tmp_path):
     base = run_config(data_root, tmp_path, **{"train.batch_size": 5})
     streamed, weights = trained(base.replace({"train.cache_budget_mb": 0}), tmp_path / "streamed")
@@ -156,6 +158,7 @@ def test_streaming_everything_is_training_without_a_cache(data_root, tmp_path):
     assert _same_weights(weights, plain_weights) == 0.0
 
 
+@pytest.mark.slow
 def test_a_partial_last_batch_stays_within_float_rounding(data_root, tmp_path):
     # Batches of 5 over 12 images: the last batch of each epoch holds 2, which the teacher may round
     # differently from the full batches the cache was filled with (measured here: no difference).
@@ -167,6 +170,7 @@ def test_a_partial_last_batch_stays_within_float_rounding(data_root, tmp_path):
     assert _same_weights(weights, plain_weights) < 1e-4
 
 
+@pytest.mark.slow
 def test_float16_moves_the_first_epochs_loss_by_float16_rounding_only(data_root, tmp_path):
     # Measured: 0.03 % in epoch 1. Later epochs drift further apart (0.4 % in epoch 2 here, with a
     # random teacher and STPM's lr 0.4), as any change of rounding does in SGD.

@@ -90,6 +90,7 @@ def _read_lines(stream: io.TextIOBase, lines: "queue.Queue[tuple[float, str]]") 
         lines.put((time.monotonic(), line))
 
 
+@pytest.mark.slow
 def test_a_run_killed_mid_epoch_resumes_to_exactly_the_same_scores(tmp_path: Path) -> None:
     """SIGKILL in the middle of epoch 3 of 5, rerun the same command: the same scores, to the last bit."""
     data = make_mvtec_folder(tmp_path / "data", "widget", n_train=16, n_good_test=2, n_defect=2, size=96)
@@ -129,6 +130,7 @@ def test_a_run_killed_mid_epoch_resumes_to_exactly_the_same_scores(tmp_path: Pat
     assert not temporaries(out)  # a kill during a save leaves one; the rerun clears it
 
 
+@pytest.mark.slow
 def test_two_runs_with_the_same_seed_give_identical_scores_whatever_the_global_rng(
         data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Same seed, same numbers; and training draws nothing from torch's global RNG (that is why
@@ -149,6 +151,7 @@ def test_two_runs_with_the_same_seed_give_identical_scores_whatever_the_global_r
     assert_same_student(run_dir(first) / "last.pt", run_dir(second) / "last.pt")
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_changed_exemplar_set(data_root: Path, tmp_path: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     data = tmp_path / "data"
@@ -173,6 +176,7 @@ def test_resume_refuses_a_changed_exemplar_set(data_root: Path, tmp_path: Path,
 # Checkpoints: format version, resolved config, refusal of another backbone, L or method
 
 
+@pytest.mark.slow
 def test_checkpoints_carry_format_version_resolved_config_and_resume_state(data_root: Path, finished: Path) -> None:
     config = load_config("st", run_args(data_root, finished))
     best = torch.load(run_dir(finished) / "best.pt", map_location="cpu", weights_only=True)
@@ -188,6 +192,7 @@ def test_checkpoints_carry_format_version_resolved_config_and_resume_state(data_
     assert last["exemplars"] == training.choose_exemplars(train_images, 2, config.train.seed)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script_method, extra, says", [
     ("st", ["model.backbone=resnet34"], "model.backbone='resnet18' (checkpoint) vs 'resnet34' (now)"),
     ("st", ["memory.slots=7"], "memory.slots=50 (checkpoint) vs 7 (now)"),
@@ -215,6 +220,7 @@ def test_a_checkpoint_that_does_not_fit_is_refused_saying_what_differs(
     assert best.read_bytes() == before
 
 
+@pytest.mark.slow
 def test_resume_refuses_last_pt_of_another_config(data_root: Path, finished: Path, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
@@ -285,6 +291,7 @@ def test_a_full_disk_mid_write_is_one_line_and_keeps_the_previous_file(tmp_path:
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
 
 
+@pytest.mark.slow
 def test_a_failed_checkpoint_save_in_training_keeps_last_pt_and_the_rerun_resumes(
         data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
@@ -318,6 +325,7 @@ def test_a_failed_checkpoint_save_in_training_keeps_last_pt_and_the_rerun_resume
     assert load_checkpoint(run_dir(out) / "last.pt")["epoch"] == 2
 
 
+@pytest.mark.slow
 def test_every_output_file_is_written_atomically(data_root: Path, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """Every file a run leaves (checkpoints, results, history, summaries, pictures) arrived by an
@@ -361,6 +369,7 @@ def _unchanged_epoch_1(out: Path) -> None:
     assert not (run_dir(out) / "results.json").exists()
 
 
+@pytest.mark.slow
 def test_a_nan_loss_at_epoch_2_stops_naming_epoch_and_step_and_keeps_epoch_1(
         data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
@@ -388,6 +397,7 @@ def test_a_nan_loss_at_epoch_2_stops_naming_epoch_and_step_and_keeps_epoch_1(
     _unchanged_epoch_1(out)
 
 
+@pytest.mark.slow
 def test_weights_that_turn_non_finite_on_the_last_step_never_reach_a_checkpoint(
         data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """The loss of the last step of epoch 2 is finite, but its update breaks the weights."""
@@ -415,6 +425,7 @@ def test_weights_that_turn_non_finite_on_the_last_step_never_reach_a_checkpoint(
     _unchanged_epoch_1(out)
 
 
+@pytest.mark.slow
 def test_a_huge_learning_rate_stops_with_one_line(data_root: Path, tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"

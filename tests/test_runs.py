@@ -14,6 +14,9 @@ from tests.fixtures import make_mvtec_folder, tiny_run_args
 from engine.checkpoint import weights_digest
 from engine.cli import main
 
+# End to end: each test trains through the scripts, runs benchmarks or several processes.
+pytestmark = pytest.mark.slow
+
 FOLDERS = {"st": "memkd-st", "rd": "memkd-rd"}
 
 

@@ -16,6 +16,9 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.peer_speed import make_subset  # noqa: E402
 
+# End to end: each test trains through the scripts, runs benchmarks or several processes.
+pytestmark = pytest.mark.slow
+
 TINY = ["--backbone", "resnet18", "--size", "64", "--batch", "2", "--steps", "1"]
 
 

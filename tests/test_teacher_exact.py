@@ -51,6 +51,7 @@ def test_the_built_teacher_equals_its_weights_tensor_by_tensor(backbone, tmp_pat
     assert model.teacher_fingerprint == fingerprint_weights(source)
 
 
+@pytest.mark.slow
 def test_training_and_evaluation_never_change_the_teacher(tmp_path):
     from datasets.build import build_datasets
     from engine.evaluation import anomaly_maps

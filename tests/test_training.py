@@ -10,6 +10,9 @@ import torch
 from tests.fixtures import make_mvtec_folder, tiny_run_args
 from engine.cli import main
 
+# End to end: each test trains through the scripts, runs benchmarks or several processes.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULT_FIELDS = {"method", "backbone", "teacher_weights", "dataset", "category", "memory_enabled", "image_auroc",
                  "pixel_auroc", "epochs", "image_size", "seed", "train_seconds", "eval_seconds"}
