@@ -10,7 +10,7 @@ init) and the fingerprint proves they match. Training writes checkpoints; nothin
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -78,11 +78,25 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
+def checkpoint_facts(path: Path) -> dict[str, Any] | None:
+    """A checkpoint's plain entries (epoch, digests, method, ...), read without loading its tensors
+    into memory (memory-mapped); None when it is missing or unreadable. For bookkeeping only:
+    :func:`load_checkpoint` is what checks a checkpoint before its weights are used."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # missing, truncated, not a checkpoint: not a finished run's
+        return None
+    if not isinstance(state, dict):
+        return None
+    return {key: value for key, value in state.items() if isinstance(value, (str, int, float, bool))}
+
+
 def check_fits(state: dict[str, Any], path: Path, settings: RunSettings, fingerprint: str,
-               data_digest: str | None = None) -> None:
+               data_digests: Collection[str] | None = None) -> None:
     """Refuse a checkpoint that was not made by this method, training config, teacher and (when
-    ``data_digest`` is given) training images, saying what differs. Evaluation and run keys may
-    differ, and so may keys this run does not read (Adam's betas in an SGD run)."""
+    ``data_digests`` is given) training images, whose digest must be one of those, saying what
+    differs. Evaluation and run keys may differ, and so may keys this run does not read (Adam's
+    betas in an SGD run)."""
     if state["method"] != settings.method:
         raise UserError(f"checkpoint {path} is for method '{state['method']}', not '{settings.method}'; "
                         f"use the other script or another output.dir")
@@ -94,7 +108,7 @@ def check_fits(state: dict[str, Any], path: Path, settings: RunSettings, fingerp
     if state["teacher_fingerprint"] != fingerprint:
         raise UserError(f"checkpoint {path} was trained against other teacher weights; "
                         "use the same model.pretrained/model.teacher_weights as in training")
-    if data_digest is not None and state["data_digest"] != data_digest:
+    if data_digests is not None and state["data_digest"] not in data_digests:
         raise UserError(f"checkpoint {path} was trained on other images than those now under data.root; "
                         "point data.root at the training data, use another output.dir, or train.resume=false")
 

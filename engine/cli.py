@@ -38,10 +38,12 @@ def main(method: str, argv: Sequence[str]) -> int:
 def run_categories(settings: RunSettings) -> list[dict[str, Any]] | None:
     """Run the configured category, or every category of the dataset for ``data.category=all``.
 
-    Under torchrun with ``train.parallel=categories`` every process walks the same list and trains
-    each category whose run folder it can lock (utils/locks.py), skipping those another process
-    holds; once all are done, rank 0 gathers every category's results.json, so the sweep's
-    summary is written once. Returns the results on rank 0 (and in a single process), else None.
+    A sweep trains each category whose run folder it can lock (utils/locks.py) and skips, for now,
+    those another process holds, so two sweeps over one ``output.dir`` share the work; under
+    torchrun with ``train.parallel=categories`` every process walks the same list that way. At
+    the end the skipped categories are read back once their holders have finished them (under
+    torchrun, rank 0 gathers after all ranks are done), so the sweep's table and summary are
+    written once, and complete. Returns the results on rank 0 (and in a single process), else None.
     """
     from datasets.build import list_categories
     from engine.records import finished_results, run_directory
@@ -52,24 +54,27 @@ def run_categories(settings: RunSettings) -> list[dict[str, Any]] | None:
     device = setup(world)
     if device is not None and settings.train.device != "cpu":
         settings = settings.replace({"train.device": "cuda"})  # this rank's own GPU, made current by setup()
-    if settings.data.category == "all":
+    sweep = settings.data.category == "all"
+    if sweep:
         categories = list_categories(settings.data.dataset, settings.data.root)
     else:
         categories = [settings.data.category]
     by_category = world.size > 1 and settings.train.parallel == "categories"
-    results = [run_category(settings, category, world, skip_if_busy=by_category) for category in categories]
-    if not by_category:
-        return results if world.is_main else None
-    barrier()  # every category is finished, or held by a process outside this sweep
+    results = [run_category(settings, category, world, skip_if_busy=sweep or by_category) for category in categories]
+    if by_category:
+        barrier()  # every category is finished, or held by a process outside this sweep
     if not world.is_main:
         return None
-    gathered = []
+    gathered, busy = [], []
     for category, mine in zip(categories, results):
         found = mine or finished_results(run_directory(settings, category), settings)
         if found is None:
-            raise UserError(f"category {category} was not finished by this sweep (its run folder was in use by "
-                            "another process); rerun the same command when that process is done")
+            busy.append(category)
         gathered.append(found)
+    if busy:
+        raise UserError(f"{len(busy)} categor{'y' if len(busy) == 1 else 'ies'} ({', '.join(busy)}) not finished: "
+                        "their run folders were in use by another process; the others are done; rerun the same "
+                        "command when that process has finished")
     return gathered
 
 

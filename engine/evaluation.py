@@ -68,7 +68,7 @@ def evaluate_checkpoint(model: MemKD, splits: DatasetSplits, run: Run) -> tuple[
     settings = run.settings
     best_path = run.folder / "best.pt"
     best = load_checkpoint(best_path)
-    check_fits(best, best_path, settings, model.teacher_fingerprint, run.data_digest)
+    check_fits(best, best_path, settings, model.teacher_fingerprint, run.data.accepted())
     load_student(model, best, best_path)
     model.map_settings = map_settings(settings)
     started = time.perf_counter()

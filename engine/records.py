@@ -16,8 +16,10 @@ from typing import Any
 import torch
 
 from datasets.build import DatasetSplits
-from engine.checkpoint import FORMAT_VERSION
+from engine.checkpoint import FORMAT_VERSION, checkpoint_facts
 from engine.config import RunSettings, config_differences
+from engine.thresholds import EVALUATION_FILE
+from utils.digests import FileDigests
 from utils.distributed import World
 
 # Files a finished run holds; a run missing any of them is not finished, whatever else it has.
@@ -46,14 +48,57 @@ class Run:
     category: str
     folder: Path
     device: torch.device
-    data_digest: str
+    data: DataDigests
     world: World = World()
 
 
-def training_data_digest(splits: DatasetSplits, root: str) -> str:
-    """What the model was trained on: sha256 of the train and validation images' paths below
-    ``data.root`` and their sizes, so results are never reused for other data."""
+DIGEST_STORE = ".file_digests.json"  # in output.dir: each data file's sha256 by path, size and mtime
+
+
+@dataclass(frozen=True)
+class DataDigests:
+    """What a run reads, by content: ``train`` covers the training and validation images (what the
+    model learned from; checkpoints keep it), ``test`` the test images, their labels and masks
+    (what the metrics were computed on). Each is a sha256 over every file's name below
+    ``data.root``, its role and the sha256 of its bytes. ``train_by_names`` is what checkpoints of
+    earlier versions recorded instead (names and sizes only), so that they still resume and score."""
+
+    train: str
+    test: str
+    train_by_names: str = ""
+
+    def accepted(self) -> tuple[str, ...]:
+        """The stored training digests a checkpoint may carry to fit this data."""
+        return tuple(d for d in (self.train, self.train_by_names) if d)
+
+
+def data_digests(splits: DatasetSplits, root: str, files: FileDigests) -> DataDigests:
+    """The :class:`DataDigests` of ``splits``; ``files`` remembers each file's sha256, so an
+    unchanged dataset costs one ``stat`` per file after its first run."""
     base = Path(root).expanduser()
+
+    def name(path: Path) -> str:
+        try:
+            return Path(path).relative_to(base).as_posix()
+        except ValueError:
+            return Path(path).as_posix()
+
+    def digest(parts: dict[str, Any]) -> str:
+        total = hashlib.sha256()
+        for split, dataset in parts.items():
+            for sample in dataset.samples:
+                mask = (f"{name(sample.mask)}={files.sha256(sample.mask)}:{int(sample.mask_nonzero)}"
+                        if sample.mask is not None else "-")
+                total.update(f"{split}|{name(sample.image)}={files.sha256(sample.image)}|{sample.label}|"
+                             f"{sample.defect}|{mask}\n".encode())
+        return total.hexdigest()[:16]
+
+    return DataDigests(digest({"train": splits.train, "val": splits.val}), digest({"test": splits.test}),
+                       _names_and_sizes(splits, base))
+
+
+def _names_and_sizes(splits: DatasetSplits, base: Path) -> str:
+    """The training digest of earlier versions: the train and validation images' names and sizes."""
     digest = hashlib.sha256()
     for split in (splits.train, splits.val):
         for sample in split.samples:
@@ -67,9 +112,10 @@ def training_data_digest(splits: DatasetSplits, root: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def finished_results(folder: Path, settings: RunSettings, data_digest: str | None = None) -> dict[str, Any] | None:
-    """The stored results of a finished run with these settings (and, when given, these training
-    images), if there is one: every output present, same training and evaluation settings."""
+def finished_results(folder: Path, settings: RunSettings, data: DataDigests | None = None) -> dict[str, Any] | None:
+    """The stored results of a finished run with these settings (and, when given, this data), if
+    there is one: every output present, the same training and evaluation settings, the same
+    training and test data by content, and results that belong to the current ``best.pt``."""
     if not all((folder / name).is_file() for name in RUN_OUTPUTS):
         return None
     try:
@@ -79,6 +125,16 @@ def finished_results(folder: Path, settings: RunSettings, data_digest: str | Non
     saved = results.get("config") if isinstance(results, dict) else None
     if (not isinstance(saved, dict) or results.get("format_version") != FORMAT_VERSION
             or config_differences(saved, settings, "train") or config_differences(saved, settings, "eval")
-            or (data_digest is not None and results.get("data_digest") != data_digest)):
+            or (data is not None and (results.get("data_digest"), results.get("test_digest")) != (data.train, data.test))):
+        return None
+    # Written by this best.pt, and after training finished: a retrain (train.resume=false) killed
+    # part-way leaves the previous run's records beside a new best.pt and an unfinished last.pt.
+    best, last = checkpoint_facts(folder / "best.pt"), checkpoint_facts(folder / "last.pt")
+    try:
+        evaluated = json.loads((folder / EVALUATION_FILE).read_text()).get("student_digest")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if (best is None or last is None or last.get("epoch") != settings.train.epochs
+            or not results.get("student_digest") == evaluated == best.get("student_digest")):
         return None
     return {**results, "results_path": str(folder / RESULTS_FILE)}

@@ -7,6 +7,7 @@ folder's layout and what makes a run finished are engine/records.py's.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,20 +20,21 @@ from engine.config import RunSettings
 from engine.evaluation import evaluate_checkpoint
 from engine.model import build_run_model
 from engine.pictures import save_training_curves
-from engine.records import RESULTS_FILE, Run, finished_results, run_directory, training_data_digest
+from engine.records import DIGEST_STORE, RESULTS_FILE, Run, data_digests, finished_results, run_directory
 from engine.training import TrainingState, train
 from models.memkd import MemKD
 from utils.device import select_device
+from utils.digests import FileDigests
 from utils.distributed import World, barrier, main_says
 from utils.errors import UserError
 from utils.io import remove_stale_temporaries, write_json
-from utils.locks import RunLock
+from utils.locks import LOCK_NAME, RunLock
 
 
 def _ensure_writable(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write_test"
+        probe = folder / f".write_test.{os.getpid()}"  # one per process: two sweeps may probe one folder at once
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
@@ -64,15 +66,18 @@ def run_category(settings: RunSettings, category: str, world: World = World(),
     device = select_device(settings.train.device)
     splits = build_datasets(data.dataset, data.root, category, data.image_size, data.val_fraction,
                             settings.train.seed, data.download)
-    data_digest = training_data_digest(splits, data.root)
+    files = FileDigests(Path(settings.output.dir) / DIGEST_STORE)
+    digests = data_digests(splits, data.root, files)
     data_parallel = world.size > 1 and settings.train.parallel == "data"
     writer = world.is_main or not data_parallel
     if training and settings.train.resume:
-        done = finished_results(folder, settings, data_digest)
+        done = finished_results(folder, settings, digests)
         if done is not None:
             if writer:
-                tqdm.write(f"{category}: already finished with this config and data, reusing "
-                           f"{folder / RESULTS_FILE} (train.resume=false retrains)")
+                files.save()
+                tqdm.write(f"{category}: reusing the finished run {folder / RESULTS_FILE}: the same settings and "
+                           f"the same data by content (it read data.root={done.get('data_root', '?')}); "
+                           "train.resume=false retrains")
             return done
     # Decode every image now, in this process: a file broken past its header is reported before any
     # training, as one line, and DataLoader workers inherit the decoded cache instead of re-decoding.
@@ -86,8 +91,10 @@ def run_category(settings: RunSettings, category: str, world: World = World(),
     if not training and not (folder / "best.pt").is_file():
         raise UserError(f"no checkpoint at {folder / 'best.pt'}; train first with phase=train")
     lock = RunLock(folder)
+    created = not folder.exists()
     if writer:
         _ensure_writable(folder)
+        files.save()
     held = lock.acquire() if writer else True
     if data_parallel:
         held = main_says(held, world)
@@ -97,27 +104,51 @@ def run_category(settings: RunSettings, category: str, world: World = World(),
             return None
         raise UserError(f"run folder {folder} is in use by {lock.holder()}; wait for it to finish, "
                         "or set another output.dir")
-    run = Run(settings, category, folder, device, data_digest, world if data_parallel else World())
-    with lock:
-        if training and settings.train.resume and not data_parallel:
-            done = finished_results(folder, settings, data_digest)  # finished while we waited for the lock
-            if done is not None:
-                return done
-        if writer:
-            remove_stale_temporaries(folder)  # left by a run killed mid-save; the files it replaced are intact
-            # Said once the folder is ours: in a sweep, this line means this process runs the category.
-            tqdm.write(f"{settings.method_name} | {data.dataset}/{category} | {len(splits.train)} train, "
-                       f"{len(splits.val)} val, {len(splits.test)} test images | device {device}"
-                       + (f" | {world.size} processes share each batch" if data_parallel else ""))
-            tqdm.write(f"teacher {settings.model.backbone}: {model.teacher_description}")
-        state = train(model, splits, run) if training else TrainingState()
-        if not writer:
-            barrier()  # rank 0 evaluates and writes
-            return None
-        results = _evaluate_and_record(model, splits, run, state)
-    if data_parallel:
-        barrier()
+    run = Run(settings, category, folder, device, digests, world if data_parallel else World())
+    try:
+        with lock:
+            results = _run_locked(model, splits, run, writer, data_parallel)
+    except BaseException:
+        if created and writer:
+            _remove_if_empty(folder)
+        raise
+    if data_parallel and writer:
+        barrier()  # the other ranks wait for rank 0's evaluation in _run_locked
     return results
+
+
+def _remove_if_empty(folder: Path) -> None:
+    """Remove a run folder this run created when a failure left nothing in it but its lock, so a
+    failed first run leaves nothing behind."""
+    try:
+        if {p.name for p in folder.iterdir()} <= {LOCK_NAME}:
+            (folder / LOCK_NAME).unlink(missing_ok=True)
+            folder.rmdir()
+    except OSError:
+        pass
+
+
+def _run_locked(model: MemKD, splits: DatasetSplits, run: Run, writer: bool,
+                data_parallel: bool) -> dict[str, Any] | None:
+    """The part of :func:`run_category` done while holding the run folder: train, evaluate, record."""
+    settings, folder, world = run.settings, run.folder, run.world
+    data, training, category, device = settings.data, settings.phase == "train", run.category, run.device
+    if training and settings.train.resume and not data_parallel:
+        done = finished_results(folder, settings, run.data)  # finished while we waited for the lock
+        if done is not None:
+            return done
+    if writer:
+        remove_stale_temporaries(folder)  # left by a run killed mid-save; the files it replaced are intact
+        # Said once the folder is ours: in a sweep, this line means this process runs the category.
+        tqdm.write(f"{settings.method_name} | {data.dataset}/{category} | {len(splits.train)} train, "
+                   f"{len(splits.val)} val, {len(splits.test)} test images | device {device}"
+                   + (f" | {world.size} processes share each batch" if data_parallel else ""))
+        tqdm.write(f"teacher {settings.model.backbone}: {model.teacher_description}")
+    state = train(model, splits, run) if training else TrainingState()
+    if not writer:
+        barrier()  # rank 0 evaluates and writes
+        return None
+    return _evaluate_and_record(model, splits, run, state)
 
 
 def _evaluate_and_record(model: MemKD, splits: DatasetSplits, run: Run, state: TrainingState) -> dict[str, Any]:
@@ -130,7 +161,8 @@ def _evaluate_and_record(model: MemKD, splits: DatasetSplits, run: Run, state: T
         "format_version": FORMAT_VERSION, "method": settings.method_name, "script_method": settings.method,
         "backbone": settings.model.backbone, "teacher_weights": model.teacher_description,
         "teacher_fingerprint": model.teacher_fingerprint, "dataset": settings.data.dataset, "category": run.category,
-        "data_digest": run.data_digest, "memory_enabled": settings.memory.enabled, **metrics,
+        "data_root": settings.data.root, "data_digest": run.data.train, "test_digest": run.data.test,
+        "student_digest": best["student_digest"], "memory_enabled": settings.memory.enabled, **metrics,
         "epochs": settings.train.epochs, "best_epoch": best["epoch"], "image_size": settings.data.image_size,
         "seed": settings.train.seed,
         "train_seconds": round(state.seconds, 2) if state.history else None,

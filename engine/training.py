@@ -151,7 +151,7 @@ def train(model: MemKD, splits: DatasetSplits, run: Run) -> TrainingState:
     The batches are shared with the processes of ``run.world`` (data-parallel training; one process
     otherwise).
     Resumes from ``last.pt`` when ``train.resume`` is set and it fits this config, teacher, training
-    images (``run.data_digest``) and exemplar set:
+    images (``run.data``) and exemplar set:
     weights (memories included), optimiser, scheduler, best-so-far and history. No RNG state is
     saved because none is needed: the student's initialisation and the exemplar draw are seeded
     from train.seed, each epoch's shuffle from (seed, epoch), and nothing else in training is random
@@ -178,7 +178,7 @@ def train(model: MemKD, splits: DatasetSplits, run: Run) -> TrainingState:
     last_path, best_path = run.folder / "last.pt", run.folder / "best.pt"
     if train.resume and last_path.exists():
         saved = load_checkpoint(last_path)
-        check_fits(saved, last_path, settings, model.teacher_fingerprint, run.data_digest)
+        check_fits(saved, last_path, settings, model.teacher_fingerprint, run.data.accepted())
         _check_same_exemplars(saved, last_path, exemplars, exemplar_names)
         load_student(model, saved, last_path)
         optimizer.load_state_dict(saved["optimizer"])
@@ -221,7 +221,7 @@ def train(model: MemKD, splits: DatasetSplits, run: Run) -> TrainingState:
         state.history.append(record)
         state.epoch = epoch
         common = dict(settings=settings, student=model.student, fingerprint=model.teacher_fingerprint,
-                      data_digest=run.data_digest, epoch=epoch,
+                      data_digest=run.data.train, epoch=epoch,
                       exemplars=exemplars, exemplar_files=exemplar_names)
         improved = error < state.best_error
         if improved:

@@ -70,7 +70,7 @@ def test_a_two_process_sweep_trains_each_category_once_and_writes_one_summary(fo
     # A rerun with another world size skips every finished category.
     capsys.readouterr()
     assert main("st", sweep_args(folder_root, two)) == 0
-    assert capsys.readouterr().out.count("already finished") == len(CATEGORIES)
+    assert capsys.readouterr().out.count("reusing the finished run") == len(CATEGORIES)
 
 
 def test_data_parallel_training_of_one_category(folder_root, tmp_path):

@@ -14,7 +14,7 @@ from utils.device import to_device
 from engine.config import RunSettings, load_config
 from engine.feature_cache import IndexedDataset, TeacherFeatureCache, feature_bytes_per_image
 from engine.training import train
-from engine.records import Run
+from engine.records import DataDigests, Run
 
 SIZE = 64
 
@@ -128,7 +128,7 @@ def trained(config: RunSettings, run_dir: Path) -> tuple[list[dict], dict[str, t
     """History and final student weights of a 2-epoch run with ``config``."""
     splits = splits_for(config)
     model = build_run_model(config)
-    state = train(model, splits, Run(config, "widget", run_dir, torch.device("cpu"), "digest"))
+    state = train(model, splits, Run(config, "widget", run_dir, torch.device("cpu"), DataDigests("digest", "digest")))
     return state.history, {k: v.clone() for k, v in model.student.state_dict().items()}
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 import engine.inference as inference
 from tests.fixtures import make_mvtec_folder, tiny_run_args
@@ -102,7 +103,7 @@ def test_a_run_missing_an_output_is_not_finished_and_the_rerun_restores_it(finis
     (run_dir(out) / "history.json").unlink()  # killed between results.json and history.json
     capsys.readouterr()
     assert main("st", tiny_run_args(data_root, out, epochs=2)) == 0
-    assert "already finished" not in capsys.readouterr().out
+    assert "reusing the finished run" not in capsys.readouterr().out
     assert (run_dir(out) / "history.json").read_bytes() == history
 
 
@@ -169,3 +170,73 @@ def test_a_broken_checkpoint_is_one_line_for_predict_and_phase_test(case, fragme
     assert fragment in one_error_line(capsys.readouterr().err)
     assert main("st", tiny_run_args(data_root, out, "phase=test", epochs=2)) == 2
     assert fragment in one_error_line(capsys.readouterr().err)
+
+
+def _same_size_other_bytes(path: Path, source: Path) -> None:
+    """Make ``path`` hold ``source``'s picture, padded to ``path``'s byte size (PNG readers ignore
+    what follows the image's end): same name, same size, other content."""
+    size, data = path.stat().st_size, source.read_bytes()
+    assert len(data) <= size, "pick a smaller source"
+    path.write_bytes(data + b"\0" * (size - len(data)))
+
+
+def test_same_names_and_sizes_with_other_bytes_are_other_data(finished, data_root, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(finished, out)
+    other = tmp_path / "other"
+    shutil.copytree(data_root, other)
+    images = sorted((other / "widget" / "train" / "good").iterdir(), key=lambda p: p.stat().st_size)
+    _same_size_other_bytes(images[-1], images[0])
+    before = snapshot(run_dir(out), ("best.pt", "last.pt", "results.json"))
+    capsys.readouterr()
+    assert main("st", tiny_run_args(other, out, epochs=2)) == 2
+    captured = capsys.readouterr()
+    assert "reusing the finished run" not in captured.out
+    assert "trained on other images" in one_error_line(captured.err)
+    assert snapshot(run_dir(out), ("best.pt", "last.pt", "results.json")) == before
+
+
+def test_a_corrected_test_mask_is_evaluated_again_without_retraining(finished, data_root, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(finished, out)
+    other = tmp_path / "other"
+    shutil.copytree(data_root, other)
+    mask = sorted((other / "widget" / "ground_truth").rglob("*.png"))[0]
+    Image.open(mask).convert("L").point(lambda v: 255 - v).save(mask)  # another ground truth, same file name
+    trained = snapshot(run_dir(out), ("best.pt", "last.pt"))
+    old = json.loads((run_dir(out) / "results.json").read_text())
+    capsys.readouterr()
+    assert main("st", tiny_run_args(other, out, epochs=2)) == 0
+    assert "reusing the finished run" not in capsys.readouterr().out
+    assert snapshot(run_dir(out), ("best.pt", "last.pt")) == trained  # evaluated again, not retrained
+    new = json.loads((run_dir(out) / "results.json").read_text())
+    assert new["data_digest"] == old["data_digest"] and new["test_digest"] != old["test_digest"]
+    assert new["pixel_auroc"] != old["pixel_auroc"] and new["data_root"] == str(other)
+    capsys.readouterr()
+    assert main("st", tiny_run_args(other, out, epochs=2)) == 0  # now finished on that data: reused
+    assert f"it read data.root={other}" in capsys.readouterr().out
+
+
+def test_a_retrain_killed_part_way_is_not_taken_for_finished(finished, data_root, tmp_path, capsys, monkeypatch):
+    import engine.training as training
+
+    out = tmp_path / "out"
+    shutil.copytree(finished, out)
+    real_epoch = training._train_one_epoch
+
+    def killed_at_epoch_2(model, optimizer, loader, run, epoch, *args, **kwargs):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real_epoch(model, optimizer, loader, run, epoch, *args, **kwargs)
+
+    monkeypatch.setattr(training, "_train_one_epoch", killed_at_epoch_2)
+    args = tiny_run_args(data_root, out, epochs=2)
+    assert main("st", [*args, "train.resume=false"]) == 130  # best.pt and last.pt of epoch 1, old records beside them
+    monkeypatch.setattr(training, "_train_one_epoch", real_epoch)
+    capsys.readouterr()
+    assert main("st", args) == 0
+    assert "reusing the finished run" not in capsys.readouterr().out
+    results = json.loads((run_dir(out) / "results.json").read_text())
+    best = torch.load(run_dir(out) / "best.pt", weights_only=True)
+    assert results["student_digest"] == best["student_digest"]
+    assert torch.load(run_dir(out) / "last.pt", weights_only=True)["epoch"] == 2

@@ -55,7 +55,7 @@ def test_the_built_teacher_equals_its_weights_tensor_by_tensor(backbone, tmp_pat
 def test_training_and_evaluation_never_change_the_teacher(tmp_path):
     from datasets.build import build_datasets
     from engine.evaluation import anomaly_maps
-    from engine.records import Run
+    from engine.records import DataDigests, Run
     from engine.training import train
 
     source = generated_weights("resnet18", tmp_path / "teacher.pth")
@@ -66,7 +66,7 @@ def test_training_and_evaluation_never_change_the_teacher(tmp_path):
     splits = build_datasets("mvtec", root, "widget", 64, 0.25, 0)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    train(model, splits, Run(config, "widget", run_dir, torch.device("cpu"), "digest"))
+    train(model, splits, Run(config, "widget", run_dir, torch.device("cpu"), DataDigests("digest", "digest")))
     anomaly_maps(model, splits.test, config, torch.device("cpu"))
     assert_teacher_is(model, source)
 

@@ -80,7 +80,7 @@ def test_rerunning_a_finished_run_skips_it(data_root, tmp_path, capsys):
     stamp = (tmp_path / "stpm" / "mvtec" / "widget" / "best.pt").stat().st_mtime_ns
     capsys.readouterr()
     assert main("st", args) == 0
-    assert "already finished" in capsys.readouterr().out
+    assert "reusing the finished run" in capsys.readouterr().out
     assert (tmp_path / "stpm" / "mvtec" / "widget" / "best.pt").stat().st_mtime_ns == stamp
 
 
