@@ -240,3 +240,37 @@ def test_a_retrain_killed_part_way_is_not_taken_for_finished(finished, data_root
     best = torch.load(run_dir(out) / "best.pt", weights_only=True)
     assert results["student_digest"] == best["student_digest"]
     assert torch.load(run_dir(out) / "last.pt", weights_only=True)["epoch"] == 2
+
+
+def test_a_run_that_fails_in_training_leaves_no_folder(data_root, tmp_path, capsys, monkeypatch):
+    import engine.training as training
+    from utils.errors import UserError
+
+    def fails(*args, **kwargs):
+        raise UserError("training diverged: stand-in")
+
+    monkeypatch.setattr(training, "_train_one_epoch", fails)
+    out = tmp_path / "out"
+    assert main("st", tiny_run_args(data_root, out)) == 2
+    assert "stand-in" in one_error_line(capsys.readouterr().err)
+    assert not run_dir(out).exists(), list(run_dir(out).iterdir())
+
+
+def test_a_plain_sweep_skips_a_busy_category_finishes_the_others_and_names_it(tmp_path, capsys):
+    from tests.fixtures import make_user_folder
+    from utils.locks import RunLock
+
+    root = tmp_path / "data"
+    for category in ("aa", "bb"):
+        make_user_folder(root, category=category, n_good=8, defects={"crack": 2}, n_test_good=2, size=64)
+    out = tmp_path / "out"
+    args = [*tiny_run_args(root, out), "data.dataset=folder", "data.category=all"]
+    busy = RunLock(out / "memkd-st" / "folder" / "aa")
+    assert busy.acquire()  # another sweep holds aa
+    assert main("st", args) == 2
+    captured = capsys.readouterr()
+    assert "aa: skipped" in captured.out and "(aa) not finished" in one_error_line(captured.err)
+    assert (out / "memkd-st" / "folder" / "bb" / "results.json").is_file()
+    busy.release()
+    assert main("st", args) == 0  # aa now trained, bb reused
+    assert "bb: reusing the finished run" in capsys.readouterr().out
