@@ -59,3 +59,27 @@ def test_the_digest_benchmark_times_a_first_run_and_a_rerun(tmp_path, capsys):
     assert main(["--data-root", str(root), "--category", "widget"]) == 0
     line = capsys.readouterr().out
     assert "mvtec/widget: 17 files" in line  # 8 train + 6 test images, 3 masks and "first run" in line and "rerun" in line
+
+
+def test_compare_runs_finds_a_moved_metric_and_moved_weights(tmp_path, capsys):
+    import json
+
+    from benchmarks.compare_runs import main
+
+    def run(root, auroc, weight):
+        folder = root / "memkd-st" / "demo" / "brick"
+        folder.mkdir(parents=True)
+        (folder / "results.json").write_text(json.dumps({"image_auroc": auroc, "train_seconds": auroc * 7,
+                                                         "teacher_fingerprint": "f", "data_digest": "d"}))
+        torch.save({"student": {"w": torch.tensor([weight])}}, folder / "best.pt")
+
+    run(tmp_path / "before", 0.9, 1.0)
+    run(tmp_path / "same", 0.9, 1.0)
+    run(tmp_path / "metric", 0.8, 1.0)
+    run(tmp_path / "weights", 0.9, 1.0 + 1e-7)
+    assert main([str(tmp_path / "before"), str(tmp_path / "same")]) == 0
+    assert "1 of 1 runs identical" in capsys.readouterr().out
+    assert main([str(tmp_path / "before"), str(tmp_path / "metric")]) == 1
+    assert "image_auroc" in capsys.readouterr().out
+    assert main([str(tmp_path / "before"), str(tmp_path / "weights")]) == 1
+    assert "best.pt weights differ" in capsys.readouterr().out
