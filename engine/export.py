@@ -72,6 +72,24 @@ def parse_args(argv: Sequence[str]) -> dict[str, Any]:
     return options
 
 
+def check_sidecar_free(sidecar: Path, onnx_path: Path) -> None:
+    """UserError when the JSON an export of ``onnx_path`` writes would replace a file that is not an
+    earlier export's JSON (``output=RUN/results.onnx`` would overwrite the run's results.json)."""
+    import json
+
+    from engine.onnx_backend import JSON_FORMAT
+
+    if not sidecar.exists():
+        return
+    try:
+        earlier = json.loads(sidecar.read_text()).get("format") == JSON_FORMAT
+    except (OSError, ValueError, AttributeError):
+        earlier = False
+    if not earlier:
+        raise UserError(f"output={onnx_path} would replace {sidecar}, which is not the JSON of an export; "
+                        "give another output= name")
+
+
 def check_exporter() -> None:
     """UserError naming what to install when the ONNX packages or a recent enough torch are missing."""
     import torch
@@ -145,12 +163,13 @@ def export(options: dict[str, Any]) -> tuple[Path, Path]:
 
     from datasets.images import IMAGENET_MEAN, IMAGENET_STD
     from engine.inference import load_run
-    from engine.onnx_backend import (EXPORT_ID_KEY, JSON_FORMAT, JSON_FORMAT_VERSION, OUTPUT_NAMES, OnnxScorer,
-                                     sidecar_path)
+    from engine.onnx_backend import (DECISION_DIGEST_KEY, EXPORT_ID_KEY, JSON_FORMAT, JSON_FORMAT_VERSION,
+                                     OUTPUT_NAMES, OnnxScorer, decision_digest, sidecar_path)
     from utils.io import write_json
 
     checkpoint = options["checkpoint"]
     onnx_path = options["output"] or checkpoint.with_suffix(".onnx")
+    check_sidecar_free(sidecar_path(onnx_path), onnx_path)
     check_exporter()
     # On the CPU: the graph is device-neutral, and the parity check runs onnxruntime's CPU provider.
     model, settings, thresholds, _ = load_run(checkpoint, {"train.device": "cpu"})
@@ -170,7 +189,6 @@ def export(options: dict[str, Any]) -> tuple[Path, Path]:
     opset = next(o.version for o in program.model_proto.opset_import if o.domain in ("", "ai.onnx"))
     # The same id inside the graph and in its JSON: the scorer refuses a JSON of another export.
     export_id = secrets.token_hex(8)
-    program.model.metadata_props[EXPORT_ID_KEY] = export_id
     metadata = {
         "format": JSON_FORMAT, "format_version": JSON_FORMAT_VERSION, "export_id": export_id, "model": onnx_path.name,
         "name": settings.method_name, "method": settings.method,
@@ -185,6 +203,8 @@ def export(options: dict[str, Any]) -> tuple[Path, Path]:
         "opset": opset, "versions": versions(),
         "checkpoint": str(checkpoint.resolve()), "config": settings.flat(),
     }
+    program.model.metadata_props[EXPORT_ID_KEY] = export_id
+    program.model.metadata_props[DECISION_DIGEST_KEY] = decision_digest(metadata)
 
     # Saved and checked under a temporary name in the same folder, then renamed into place; the
     # name is one utils.io.remove_stale_temporaries clears if the process is killed meanwhile.
@@ -207,7 +227,12 @@ def export(options: dict[str, Any]) -> tuple[Path, Path]:
         raise UserError(f"cannot write {onnx_path} ({e.strerror or e}); give output= in a writable folder") from None
     finally:
         temporary.unlink(missing_ok=True)
-    write_json(sidecar_path(onnx_path), metadata)
+    try:
+        write_json(sidecar_path(onnx_path), metadata)
+    except UserError as e:
+        onnx_path.unlink(missing_ok=True)  # a graph without its JSON cannot be used: export nothing
+        raise UserError(f"cannot write {sidecar_path(onnx_path)} ({str(e).split('(', 1)[-1].split(')')[0]}); "
+                        "nothing was exported; give output= in a writable folder") from None
     note = "" if size == trained_size else f" (trained at {trained_size} px: its thresholds were set at that size)"
     print(f"{metadata['name']} at {size} px{note}, opset {opset}: onnxruntime vs PyTorch max map difference "
           f"{found['max_abs_map_difference']:.3g} (map range {found['map_range']:.3g}), "
