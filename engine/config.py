@@ -55,13 +55,14 @@ class Key:
     # (key, value): the key is read only when that other key has that value (SGD's momentum);
     # otherwise it is not part of the run: it resolves to None and never makes two runs differ.
     read_when: tuple[str, Any] | None = None
+    path: bool = False  # a file or folder: ``~`` is expanded when the value is read
 
 
 def setting(type_: type, doc: str, check: Callable[[Any], bool] | None = None, requirement: str = "",
             choices: tuple[Any, ...] = (), nullable: bool = False, scope: str = "train",
-            read_when: tuple[str, Any] | None = None) -> Any:
+            read_when: tuple[str, Any] | None = None, path: bool = False) -> Any:
     """A field of a settings section, declaring its key. No default here: config.yaml holds them."""
-    return field(metadata={"key": Key(type_, doc, check, requirement, choices, nullable, scope, read_when)})
+    return field(metadata={"key": Key(type_, doc, check, requirement, choices, nullable, scope, read_when, path)})
 
 
 def _positive(v: Any) -> bool:
@@ -70,6 +71,12 @@ def _positive(v: Any) -> bool:
 
 def _non_negative(v: Any) -> bool:
     return v >= 0
+
+
+def _between(low: int, high: int) -> tuple[Callable[[Any], bool], str]:
+    """A check and its wording for an integer in [low, high]: sizes beyond any real run are refused
+    here, not by the allocator."""
+    return (lambda v: low <= v <= high), f"from {low} to {high}"
 
 
 def _betas(v: Any) -> bool:
@@ -110,7 +117,8 @@ class DataSection:
     """What is read: the dataset, its category, and how its images are sized and split."""
 
     dataset: str = setting(str, "dataset layout", choices=DATASET_NAMES)
-    root: str = setting(str, "folder that holds the dataset's category folders", scope="run")
+    root: str = setting(str, "folder that holds the dataset's category folders (`~` is expanded)", scope="run",
+                        path=True)
     category: str = setting(str, "one category (a plain folder name, no path), or `all` for every category in turn",
                             _category, "a plain folder name of at most 100 letters, digits, spaces or _ . + -")
     image_size: int = setting(int, f"images (and masks) are resized to this square size; {IMAGE_SIZE_RULE}",
@@ -119,7 +127,7 @@ class DataSection:
                                   lambda v: 0 <= v < 1, "in [0, 1)")
     download: bool = setting(bool, "download the dataset into data.root when it is missing "
                                    "(MVTec AD, VisA, BTAD, MVTec 3D-AD)", scope="run")
-    num_workers: int = setting(int, "DataLoader worker processes", _non_negative, ">= 0", scope="run")
+    num_workers: int = setting(int, "DataLoader worker processes", *_between(0, 256), scope="run")
 
 
 @dataclass(frozen=True)
@@ -130,7 +138,7 @@ class ModelSection:
     pretrained: bool = setting(bool, "ImageNet teacher through torchvision's pinned IMAGENET1K_V1 weights; "
                                      "false = random init")
     teacher_weights: str | None = setting(str, "local state_dict file for the teacher (overrides the download)",
-                                          nullable=True)
+                                          nullable=True, path=True)
     fallback_to_random: bool = setting(bool, "if the ImageNet weights cannot be had, warn and use a random teacher "
                                              "instead of failing")
 
@@ -140,8 +148,8 @@ class MemorySection:
     """The Normality Recall memories; ``enabled=False`` is the STPM / RD4AD baseline."""
 
     enabled: bool = setting(bool, "false gives the plain baseline (STPM or RD4AD): the paper's ablation")
-    slots: int = setting(int, "L, the number of key/value pairs in each memory", _positive, "> 0")
-    exemplars: int = setting(int, "N, the fixed exemplar set of normal training images", _positive, "> 0")
+    slots: int = setting(int, "L, the number of key/value pairs in each memory", *_between(1, 10_000))
+    exemplars: int = setting(int, "N, the fixed exemplar set of normal training images", *_between(1, 10_000))
     temperature: float = setting(float, "softmax temperature over cosine similarities when reading the memory",
                                  _positive, "> 0")
     stages: tuple[MemoryStage, ...] = setting(list, "where memories sit: teacher stages whose features are recalled "
@@ -167,8 +175,8 @@ class LossSection:
 class TrainSection:
     """How the student is fitted, and where and how fast that runs."""
 
-    epochs: int = setting(int, "training epochs", _positive, "> 0")
-    batch_size: int = setting(int, "training batch size", _positive, "> 0")
+    epochs: int = setting(int, "training epochs", *_between(1, 100_000))
+    batch_size: int = setting(int, "training batch size", *_between(1, 4096))
     optimizer: str = setting(str, "optimiser", choices=("sgd", "adam"))
     lr: float = setting(float, "learning rate", _positive, "> 0")
     momentum: float | None = setting(float, "SGD momentum (read only with train.optimizer=sgd)",
@@ -207,7 +215,7 @@ class TrainSection:
 class EvalSection:
     """How a trained model is scored: changeable without retraining (``phase=test``)."""
 
-    batch_size: int = setting(int, "evaluation batch size", _positive, "> 0", scope="run")
+    batch_size: int = setting(int, "evaluation batch size", *_between(1, 4096), scope="run")
     combine: str = setting(str, "how per-layer maps make the anomaly map: `product` (STPM's) or `sum` (RD4AD's)",
                            choices=COMBINE_MODES, scope="eval")
     sigma: float = setting(float, "Gaussian smoothing of the anomaly map in pixels (0: none, as STPM; 4: RD4AD)",
@@ -221,7 +229,7 @@ class OutputSection:
     """Where results go."""
 
     dir: str = setting(str, "results go to {output.dir}/{method}/{dataset}/{category}/ (`~` is expanded)",
-                       lambda v: bool(v.strip()), "a folder path, not empty", scope="run")
+                       lambda v: bool(v.strip()), "a folder path, not empty", scope="run", path=True)
 
 
 SECTIONS: dict[str, type] = {"data": DataSection, "model": ModelSection, "memory": MemorySection,
@@ -311,7 +319,6 @@ class RunSettings:
                                     f"e.g. {key}={_EXAMPLES[key]}")
                 else:
                     values[key] = given
-        values["output.dir"] = str(Path(values["output.dir"]).expanduser())
         _check_memory_stages(method, values)
         sections = {name: section_type(**{f.name: _frozen(values[f"{name}.{f.name}"]) for f in fields(section_type)})
                     for name, section_type in SECTIONS.items()}
@@ -344,6 +351,9 @@ _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str:
 
 def _flatten(tree: dict[str, Any], source: str, prefix: str = "") -> dict[str, Any]:
     """Flatten nested YAML sections into dotted keys, refusing keys that are not in SCHEMA."""
+    if not isinstance(tree, dict):
+        where = f"'{prefix.rstrip('.')}'" if prefix else "it"
+        raise UserError(f"{source} must hold key: value pairs in {where}, not {tree!r}")
     flat: dict[str, Any] = {}
     for name, value in tree.items():
         dotted = f"{prefix}{name}"
@@ -352,6 +362,8 @@ def _flatten(tree: dict[str, Any], source: str, prefix: str = "") -> dict[str, A
                 raise UserError(f"unknown config key '{dotted}' in {source}; known sections: {_sections()}")
             flat.update(_flatten(value, source, dotted + "."))
         elif dotted not in SCHEMA:
+            if any(k.startswith(dotted + ".") for k in SCHEMA):
+                raise UserError(f"'{dotted}' in {source} is a section: it must hold key: value pairs, not {value!r}")
             raise UserError(f"unknown config key '{dotted}' in {source}; {_near(dotted)}")
         else:
             flat[dotted] = value
@@ -378,6 +390,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         seen: set[Any] = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, (str, int, float, bool)) and key is not None:
+                raise yaml.constructor.ConstructorError(None, None, "a key must be a plain name, not a list or "
+                                                        "mapping", key_node.start_mark)
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"key '{key}' appears twice",
                                                         key_node.start_mark)
@@ -455,6 +470,11 @@ def check_value(key: str, value: Any, schema: Mapping[str, Key] | None = None) -
         raise UserError(f"{what} is {value!r}; choose one of {', '.join(map(str, spec.choices))}")
     if spec.check is not None and not spec.check(value):
         raise UserError(f"{what} is {value!r} but must be {spec.requirement}")
+    if spec.path and value.startswith("~"):
+        try:
+            value = str(Path(value).expanduser())
+        except RuntimeError:  # ~name of no user, or no home folder at all
+            raise UserError(f"{what} is {value!r}, whose '~' names no home folder here; give the full path") from None
     return value
 
 

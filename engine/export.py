@@ -40,8 +40,9 @@ Score with it: python predict.py backend=onnx model=FILE.onnx input=IMAGES"""
 # export.py's arguments, read by the project's one key=value parser (engine/config.py); image_size
 # follows the one image-size rule of data.image_size.
 OPTIONS: dict[str, Key] = {
-    "checkpoint": Key(str, "best.pt of a finished (evaluated) run"),
-    "output": Key(str, "the .onnx file to write", lambda v: v.endswith(".onnx"), "an .onnx file, e.g. deploy/brick.onnx"),
+    "checkpoint": Key(str, "best.pt of a finished (evaluated) run", path=True),
+    "output": Key(str, "the .onnx file to write", lambda v: v.endswith(".onnx"), "an .onnx file, e.g. deploy/brick.onnx",
+                  path=True),
     "image_size": Key(int, "side of the square input", valid_image_size, IMAGE_SIZE_RULE),
 }
 # The opset asked of the exporter; the JSON records the one the file really declares.
@@ -66,9 +67,9 @@ def parse_args(argv: Sequence[str]) -> dict[str, Any]:
         options[key] = check_value(key, value, OPTIONS)
     if "checkpoint" not in options:
         raise UserError("give checkpoint=..., e.g. checkpoint=results/memkd-st/demo/brick/best.pt")
-    options["checkpoint"] = Path(options["checkpoint"]).expanduser()
+    options["checkpoint"] = Path(options["checkpoint"])
     if options["output"] is not None:
-        options["output"] = Path(options["output"]).expanduser()
+        options["output"] = Path(options["output"])
     return options
 
 

@@ -50,12 +50,12 @@ on the CPU instead, with the thresholds and input size of that JSON: no checkpoi
 BACKENDS = ("torch", "onnx")
 # predict.py's own arguments, read by the project's one key=value parser (engine/config.py).
 OPTIONS: dict[str, Key] = {
-    "checkpoint": Key(str, "best.pt of a finished run"),
-    "input": Key(str, "an image or a folder of images"),
-    "output": Key(str, "folder for overlays, masks and scores.csv"),
+    "checkpoint": Key(str, "best.pt of a finished run", path=True),
+    "input": Key(str, "an image or a folder of images", path=True),
+    "output": Key(str, "folder for overlays, masks and scores.csv", path=True),
     "threshold": Key(str, "image threshold", choices=tuple(IMAGE_THRESHOLD_CHOICES)),
     "backend": Key(str, "what scores", choices=BACKENDS),
-    "model": Key(str, "an .onnx graph written by export.py (backend=onnx)"),
+    "model": Key(str, "an .onnx graph written by export.py (backend=onnx)", path=True),
 }
 CONFIG_OVERRIDES = ("train.device", "eval.batch_size")  # where and how fast: they cannot change a score
 SCORES_FILE = "scores.csv"
@@ -100,8 +100,8 @@ def parse_args(argv: Sequence[str]) -> PredictOptions:
     if missing:
         raise UserError(f"give {' and '.join(f'{k}=...' for k in missing)}, e.g. {example} input=photos/")
     output = given.get("output")
-    return PredictOptions(Path(given[model_key]).expanduser(), Path(given["input"]).expanduser(),
-                          Path(output).expanduser() if output else None, given.get("threshold", "normal"), backend,
+    return PredictOptions(Path(given[model_key]), Path(given["input"]), Path(output) if output else None,
+                          given.get("threshold", "normal"), backend,
                           {key: given[key] for key in CONFIG_OVERRIDES if key in given})
 
 

@@ -363,3 +363,12 @@ def test_drawing_memory_does_not_grow_with_the_image(monkeypatch):
     assert peak_large < 1.5 * peak_small + (256 << 10), (peak_small, peak_large)
     # About 110 bytes per pixel of one tile (the colour map's float64 RGBA is most of it).
     assert peak_large < 200 * engine.pictures.TILE_PIXELS, (peak_large, "bounded by the tile, not the picture")
+
+
+@pytest.mark.parametrize("args", [["checkpoint=~nosuchuser/best.pt", "input=x"], ["checkpoint=a.pt", "input=~nosuchuser/x"],
+                                  ["checkpoint=a.pt", "input=x", "output=~nosuchuser/out"]])
+def test_a_home_folder_that_does_not_exist_is_one_line(args):
+    from utils.errors import UserError
+
+    with pytest.raises(UserError, match="names no home folder here"):
+        inference.parse_args(args)
