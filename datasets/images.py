@@ -8,6 +8,7 @@ Everything here is deterministic and independent of the dataset layout:
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -41,10 +42,19 @@ def is_image_file(path: Path) -> bool:
 
 
 def list_images(folder: Path) -> list[Path]:
-    """The image files directly inside ``folder``, sorted by name (empty if it does not exist)."""
+    """The image files directly inside ``folder``, sorted by name (empty if it does not exist).
+
+    UserError for a link with an image's name whose target is gone: skipping it would train or
+    score on fewer images than the folder shows.
+    """
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if is_image_file(p))
+    entries = sorted(folder.iterdir())
+    broken = [p for p in entries if p.is_symlink() and not p.exists() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    if broken:
+        raise UserError(f"{broken[0]} is a link to {os.readlink(broken[0])}, which does not exist; restore the "
+                        "image or remove the link")
+    return [p for p in entries if is_image_file(p)]
 
 
 def _wide_to_uint8(img: Image.Image) -> np.ndarray:

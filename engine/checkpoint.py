@@ -52,6 +52,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     """
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}; train first with phase=train")
+    if path.suffix.lower() == ".onnx":
+        raise UserError(f"{path} is an ONNX export, not a checkpoint; predict.py scores it with backend=onnx "
+                        f"model={path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, pickle of another program, ...

@@ -38,6 +38,10 @@ def _ensure_writable(folder: Path) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
+        dangling = next((p for p in (folder, *folder.parents) if p.is_symlink() and not p.exists()), None)
+        if dangling is not None:
+            raise UserError(f"{dangling} is a link to {os.readlink(dangling)}, which does not exist; create that "
+                            "folder, or set output.dir to another one") from None
         raise UserError(f"cannot write to {folder} ({e.strerror}); set output.dir to a writable folder") from None
 
 

@@ -13,6 +13,12 @@ from utils.digests import file_sha256, tensors_digest
 from utils.errors import UserError
 
 
+# Addresses whose download failed in this process, when a random teacher may stand in: the
+# failure is said once, not once per category of a sweep.
+_UNAVAILABLE: set[str] = set()
+_RANDOM_FALLBACK = "random init (ImageNet weights unavailable, model.fallback_to_random=true)"
+
+
 def fingerprint_weights(state: Mapping[str, Tensor]) -> str:
     """A short hash of the source weights a teacher is built from (classification head excluded).
 
@@ -49,6 +55,9 @@ def resolve_teacher_weights(backbone: str, pretrained: bool, teacher_weights: st
     """
     if teacher_weights:
         path = Path(teacher_weights).expanduser()
+        if path.is_dir():
+            raise UserError(f"model.teacher_weights {path} is a folder; give the path of a {backbone} state_dict file "
+                            "in it")
         if not path.is_file():
             raise UserError(f"model.teacher_weights file {path} does not exist; give the path of a {backbone} state_dict")
         state = read_state_dict(path)
@@ -64,6 +73,8 @@ def resolve_teacher_weights(backbone: str, pretrained: bool, teacher_weights: st
     weights = pinned_weights(backbone)
     name = f"torchvision {type(weights).__name__}.{weights.name}"
     url = url or weights.url
+    if fallback_to_random and url in _UNAVAILABLE:  # said once per process: a sweep does not try again
+        return None, _RANDOM_FALLBACK
     try:
         state = torch.hub.load_state_dict_from_url(url, model_dir=model_dir, map_location="cpu",
                                                    progress=True, check_hash=True)
@@ -73,7 +84,8 @@ def resolve_teacher_weights(backbone: str, pretrained: bool, teacher_weights: st
             message = (f"could not get {name} ({reason}); using a RANDOM teacher because "
                        "model.fallback_to_random=true: scores show the pipeline works, not the method's quality")
             print(f"warning: {message}", file=sys.stderr)
-            return None, "random init (ImageNet weights unavailable, model.fallback_to_random=true)"
+            _UNAVAILABLE.add(url)
+            return None, _RANDOM_FALLBACK
         file_name = url.rsplit("/", 1)[-1]
         raise UserError(f"cannot download {name} from {url} ({reason}); without internet, copy {file_name} here "
                         f"and set model.teacher_weights=/path/to/{file_name}, or put it in torch's hub cache "

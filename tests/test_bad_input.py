@@ -122,6 +122,12 @@ def _corrupt_checkpoint(name: str, *extra: str) -> Callable[[World], list[str]]:
     return args
 
 
+def _dangling_link(world: World) -> Path:
+    link = world.tmp / "results-link"
+    link.symlink_to(world.tmp / "gone")
+    return link
+
+
 def _no_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same on a machine with a GPU
 
@@ -132,7 +138,7 @@ CASES: list[Case] = [
     Case("argument without =", lambda w: ["epochs"], ("cannot read argument 'epochs'", "section.key=value")),
     Case("wrong type", lambda w: ["train.epochs=many"], ("'train.epochs' must be an integer", "'many'")),
     Case("negative lr", lambda w: ["train.lr=-0.1"], ("'train.lr' is -0.1", "must be > 0")),
-    Case("L = 0 memory slots", lambda w: ["memory.slots=0"], ("'memory.slots' is 0", "must be > 0")),
+    Case("L = 0 memory slots", lambda w: ["memory.slots=0"], ("'memory.slots' is 0", "from 1 to 10000")),
     Case("image size not a multiple of the stride", lambda w: ["data.image_size=100"],
          ("'data.image_size' is 100", "multiple of 32")),
     Case("unknown backbone", lambda w: ["model.backbone=vgg16"], ("'model.backbone' is 'vgg16'", "resnet18")),
@@ -168,11 +174,16 @@ CASES: list[Case] = [
          ("cannot read image", "001_mask.png")),
     Case("defect image without mask", _bad_data(lambda c: (c / "ground_truth" / "scratch" / "002_mask.png").unlink()),
          ("test/scratch/002.png has no ground-truth mask", "restore it")),
+    Case("broken link among the training images",
+         _bad_data(lambda c: (c / "train" / "good" / "009.png").symlink_to(c / "gone.png")),
+         ("train/good/009.png is a link to", "which does not exist", "remove the link")),
     Case("more exemplars than training images", lambda w: ["memory.exemplars=1000"],
          ("memory.exemplars=1000", "only 6 images", "at most 6")),
     # The teacher's weights.
     Case("teacher weights missing", lambda w: [f"model.teacher_weights={w.tmp / 'none.pth'}"],
          ("none.pth does not exist", "resnet18 state_dict")),
+    Case("teacher weights a folder", lambda w: [f"model.teacher_weights={w.tmp}"],
+         ("is a folder", "resnet18 state_dict file")),
     Case("teacher weights of resnet34", lambda w: [_teacher_file(w, "r34.pth", models.resnet34().state_dict())],
          ("does not fit backbone resnet18", "unexpected", "set model.backbone")),
     Case("teacher weights of mobilenet_v2",
@@ -186,6 +197,8 @@ CASES: list[Case] = [
     Case("output folder under a file",  # unwritable even for root, unlike a chmod-ed folder
          lambda w: [f"output.dir={w.finished / 'memkd-st' / 'mvtec' / 'widget' / 'results.json' / 'sub'}"],
          ("cannot write to", "results.json/sub", "writable folder")),
+    Case("output folder a dangling link", lambda w: [f"output.dir={_dangling_link(w)}"],
+         ("is a link to", "which does not exist", "set output.dir")),
     Case("phase=test without a checkpoint", lambda w: ["phase=test", f"output.dir={w.tmp / 'empty'}"],
          ("no checkpoint at", "best.pt", "train first")),
     Case("phase=test with a corrupt best.pt", _corrupt_checkpoint("best.pt", "phase=test"),

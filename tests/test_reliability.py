@@ -434,3 +434,12 @@ def test_a_huge_learning_rate_stops_with_one_line(data_root: Path, tmp_path: Pat
     line = one_error_line(capsys.readouterr().err)
     assert "training diverged" in line and "at epoch 1, step" in line and "lower train.lr" in line
     assert not (run_dir(out) / "last.pt").exists() and not (run_dir(out) / "best.pt").exists()
+
+
+def test_an_onnx_export_given_as_a_checkpoint_is_named_as_such(tmp_path: Path) -> None:
+    from engine.checkpoint import load_checkpoint
+
+    graph = tmp_path / "best.onnx"
+    graph.write_bytes(b"\x08\x07")
+    with pytest.raises(UserError, match="is an ONNX export, not a checkpoint; predict.py scores it with backend=onnx"):
+        load_checkpoint(graph)

@@ -83,6 +83,14 @@ def test_offline_fails_clearly_unless_fallback_is_allowed(served, tmp_path, caps
     state, description = resolve_teacher_weights("resnet18", True, None, True, url=missing, model_dir=str(tmp_path))
     assert state is None and "random init" in description
     assert "RANDOM teacher" in capsys.readouterr().err
+    # The next category of a sweep neither tries the download again nor repeats the warning.
+    again = resolve_teacher_weights("resnet18", True, None, True, url=missing, model_dir=str(tmp_path))
+    assert again == (None, description) and capsys.readouterr().err == ""
+
+
+def test_a_folder_as_teacher_weights_is_named_as_a_folder(tmp_path):
+    with pytest.raises(UserError, match="is a folder; give the path of a resnet18 state_dict file"):
+        resolve_teacher_weights("resnet18", True, str(tmp_path), False)
 
 
 def test_local_file_with_or_without_head_and_wrapped(tmp_path):
