@@ -296,3 +296,15 @@ def test_launch_writes_the_runs_output_to_its_log_and_sets_the_thread_count(tmp_
     monkeypatch.setenv("OMP_NUM_THREADS", "7")  # the caller's own setting wins
     assert launcher.launch("st", [], log=log, threads=3) == 5
     assert log.read_text().startswith("threads 7 args")
+
+
+def test_an_out_folder_inside_the_data_root_is_refused(tmp_path):
+    root = make_mvtec_folder(tmp_path / "data")
+    for out in (root, root / "widget" / "train" / "good"):
+        options = Namespace(data_root=str(root), datasets=None, dataset_layout="mvtec", category="widget",
+                            shared=tmp_path, out=out)
+        with pytest.raises(UserError, match="lies inside the data root"):
+            cli.datasets_from(options, "demo")
+    fine = Namespace(data_root=str(root), datasets=None, dataset_layout="mvtec", category="widget", shared=tmp_path,
+                     out=tmp_path / "study")
+    assert cli.datasets_from(fine, "demo")[0].root == root.resolve()

@@ -149,3 +149,33 @@ def test_a_lock_left_by_a_killed_process_does_not_block_the_rerun(folder_root, t
     with RunLock(folder) as lock:  # the kernel dropped the dead holder's lock at once
         assert lock.acquire()
     assert main("st", sweep_args(folder_root, out, "data.category=aa")) == 0
+
+
+def test_a_worker_ends_when_its_launcher_is_killed(tmp_path):
+    """As a SIGKILLed torchrun leaves its ranks: the launcher dies, the worker must notice and exit."""
+    import signal
+    import time
+
+    pid_file = tmp_path / "worker.pid"
+    worker = ("import sys, time; sys.path.insert(0, {root!r}); from utils.distributed import exit_with_parent; "
+              "exit_with_parent(0.1); open({pid!r}, 'w').write(str(__import__('os').getpid())); time.sleep(60)")
+    launcher = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {worker!r}]); time.sleep(60)")
+    code = launcher.format(worker=worker.format(root=str(Path(__file__).resolve().parent.parent), pid=str(pid_file)))
+    parent = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.monotonic() + 30
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline, "the worker did not start"
+        time.sleep(0.05)
+    worker_pid = int(pid_file.read_text())
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    while time.monotonic() < deadline:
+        try:
+            os.kill(worker_pid, 0)
+        except ProcessLookupError:
+            return  # gone
+        if Path(f"/proc/{worker_pid}/stat").read_text().split(")")[1].split()[0] == "Z":
+            return  # exited, waiting for its new parent to reap it
+        time.sleep(0.1)
+    os.kill(worker_pid, signal.SIGKILL)
+    raise AssertionError("the worker outlived its launcher")

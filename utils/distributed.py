@@ -10,6 +10,9 @@ gradients averaged, so the world trains the model one process would with the sam
 from __future__ import annotations
 
 import os
+import sys
+import threading
+import time
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -41,15 +44,37 @@ def current_world() -> World:
 
 
 def setup(world: World) -> torch.device | None:
-    """Join the process group once (no-op for one process); on CUDA, this rank's own GPU."""
+    """Join the process group once (no-op for one process); on CUDA, this rank's own GPU.
+
+    A rank also ends itself when its launcher dies (:func:`exit_with_parent`): a SIGKILLed torchrun
+    cannot stop its workers, which would otherwise sleep in a collective for ever.
+    """
     if world.size == 1 or dist.is_initialized():
         return None
+    exit_with_parent()
     device = None
     if torch.cuda.is_available():
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device is not None else "gloo")
     return device
+
+
+def exit_with_parent(interval: float = 2.0) -> threading.Thread:
+    """Watch, from a daemon thread, for this process's parent to end (the process is then adopted
+    by another, so ``os.getppid()`` changes), and exit at once with code 1 when it does."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        print(f"error: rank {os.environ.get('RANK', '?')}: its launcher (process {parent}) ended; stopping too",
+              file=sys.stderr, flush=True)
+        os._exit(1)
+
+    watcher = threading.Thread(target=watch, name="exit-with-parent", daemon=True)
+    watcher.start()
+    return watcher
 
 
 def teardown() -> None:

@@ -23,6 +23,12 @@ class DatasetSpec:
     name: str
     args: tuple[str, ...]
 
+    @property
+    def root(self) -> Path | None:
+        """The dataset's ``data.root``, as its arguments give it."""
+        given = [arg.split("=", 1)[1] for arg in self.args if arg.startswith("data.root=")]
+        return Path(given[-1]).expanduser().resolve() if given else None
+
 
 @dataclass(frozen=True)
 class Variant:

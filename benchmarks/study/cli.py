@@ -31,15 +31,25 @@ def add_common_options(parser: Any, default_datasets: str) -> None:
 
 
 def datasets_from(options: Any, default_datasets: str) -> list[DatasetSpec]:
-    """The datasets named by ``--datasets``, or the one given by ``--data-root`` (not both)."""
+    """The datasets named by ``--datasets``, or the one given by ``--data-root`` (not both); UserError
+    when ``--out`` lies inside one of them (its tables and pictures would become training images)."""
     if options.data_root is not None:
         if options.datasets is not None:
             raise UserError("give --datasets or --data-root, not both")
-        return [custom_dataset(options.data_root, options.dataset_layout, options.category)]
-    names = parse_names(options.datasets if options.datasets is not None else default_datasets)
-    if not names:
-        raise UserError("--datasets is empty; name demo and/or magnetic_tile")
-    return named_datasets(names, options.shared)
+        specs = [custom_dataset(options.data_root, options.dataset_layout, options.category)]
+    else:
+        names = parse_names(options.datasets if options.datasets is not None else default_datasets)
+        if not names:
+            raise UserError("--datasets is empty; name demo and/or magnetic_tile")
+        specs = named_datasets(names, options.shared)
+    out = getattr(options, "out", None)
+    if out is not None:
+        out = Path(out).expanduser().resolve()
+        for spec in specs:
+            if spec.root is not None and (out == spec.root or spec.root in out.parents):
+                raise UserError(f"--out {out} lies inside the data root {spec.root}: the study's tables and pictures "
+                                "would be read as images by the next run; give an --out outside it")
+    return specs
 
 
 def run_main(body: Any, options: Any) -> int:
