@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import NoReturn
 
@@ -36,16 +37,34 @@ MASK_FOLDER = "ground_truth"  # MVTec layout: test masks live under {category}/g
 def presize(source: Path, target: Path, size: int) -> tuple[int, int]:
     """Write the pre-resized copy of ``source`` into ``target``; return (images, masks) written.
 
-    Raises UserError when ``target`` is ``source`` or inside it, for a lossy image format, or
-    when a written file does not load exactly as its source does at ``size``.
+    The copy is written into a temporary folder beside ``target`` and renamed into place only once
+    every file has been checked, so a failed run leaves no partial copy. Raises UserError when
+    ``target`` is ``source``, inside it or a parent of it, already exists and is not empty, for a
+    lossy image format, or when a written file does not load exactly as its source does.
     """
     source, target = source.resolve(), target.resolve()
     if not source.is_dir():
         raise UserError(f"{source} is not a folder; give the dataset root (the folder of the categories)")
-    if target == source or source in target.parents:
-        raise UserError(f"the copy {target} must lie outside the dataset {source}")
+    if target == source or source in target.parents or target in source.parents:
+        raise UserError(f"the copy {target} must lie outside the dataset {source}, and not hold it")
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise UserError(f"{target} already exists and is not an empty folder: its old files would be mixed "
+                        "with the copy; give a new folder")
     if size < 8:
         raise UserError(f"--size must be at least 8 pixels, not {size}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        images, masks = _write_copy(source, staging, size)
+        if target.exists():
+            target.rmdir()  # empty, checked above
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return images, masks
+
+
+def _write_copy(source: Path, target: Path, size: int) -> tuple[int, int]:
     images = masks = 0
     for path in sorted(p for p in source.rglob("*") if p.is_file()):
         out = target / path.relative_to(source)

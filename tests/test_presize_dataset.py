@@ -37,3 +37,18 @@ def test_lossy_images_and_a_copy_inside_the_dataset_are_refused(tmp_path, capsys
 def test_missing_arguments_are_a_one_line_error(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2
     assert "usage: python benchmarks/presize_dataset.py SOURCE TARGET --size 128" in capsys.readouterr().err
+
+
+def test_a_target_that_holds_files_or_the_dataset_is_refused_and_a_failure_leaves_no_copy(tmp_path, capsys):
+    source = make_mvtec_folder(tmp_path / "data" / "full")
+    stale = tmp_path / "stale"
+    (stale / "widget").mkdir(parents=True)
+    (stale / "widget" / "old.png").write_bytes(b"x")
+    assert main([str(source), str(stale), "--size", "16"]) == 2
+    assert "already exists and is not an empty folder" in capsys.readouterr().err
+    assert main([str(source), str(tmp_path / "data"), "--size", "16"]) == 2  # a parent of the source
+    assert "must lie outside the dataset" in capsys.readouterr().err
+    Image.new("RGB", (32, 32)).save(source / "widget" / "train" / "good" / "zz_photo.jpg")  # fails late
+    assert main([str(source), str(tmp_path / "small"), "--size", "16"]) == 2
+    capsys.readouterr()
+    assert not (tmp_path / "small").exists() and not list(tmp_path.glob(".small.*"))
