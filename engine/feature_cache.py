@@ -6,9 +6,12 @@ the first epoch, and keeps them on the training device in float32 (exact) or flo
 memory, values rounded to float16) up to a memory budget; the training images past the budget
 are *streamed*: their teacher features are computed in every step, as without a cache.
 
-Features are computed in batches of the training batch size (the last one padded to it), with
-the images in the form training gives them (device, memory format, autocast), so that on CPU a
-cached feature is bit-identical to the one an uncached step computes for a full batch.
+Features are computed in batches of the size training's batches have (``train.batch_size``, or
+the whole training set when it is smaller), with the images in the form training gives them
+(device, memory format, autocast), so that on CPU a cached feature is bit-identical to the one an
+uncached step computes for a full batch. Nothing is padded: the last batch overlaps the one
+before it (the teacher's float rounding can depend on the batch size, measured, not on which
+images share the batch), so the teacher sees each image at most twice.
 """
 from __future__ import annotations
 
@@ -16,10 +19,10 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
 from engine.config import TrainSection
-from utils.device import autocast, make_loader
+from utils.device import autocast
 from utils.errors import UserError
 
 # ``train.feature_cache``: the stored dtype, or "off" for no cache.
@@ -101,32 +104,32 @@ class TeacherFeatureCache:
         total = len(dataset)  # type: ignore[arg-type]
         cache = cls(dtype, min(total, budget_mb * 2**20 // per_image), per_image, total, budget_mb)
         if cache.capacity:
-            cache._compute(teacher, Subset(dataset, range(cache.capacity)), train.batch_size, workers, train.amp,
-                           device, to_device)
+            cache._compute(teacher, dataset, min(train.batch_size, total), workers, train.amp, device, to_device)
         return cache
 
     @torch.no_grad()
     def _compute(self, teacher: TeacherFn, dataset: Dataset, batch_size: int, workers: int, amp: bool,
                  device: torch.device, to_device: Callable[[Tensor], Tensor]) -> None:
+        """Fill the stores with the features of ``dataset``'s first ``capacity`` images, computed in
+        batches of exactly ``batch_size`` consecutive images (at most the dataset's size)."""
+        total = len(dataset)  # type: ignore[arg-type]
+        starts = [min(start, total - batch_size) for start in range(0, self.capacity, batch_size)]
+        loader = DataLoader(dataset, batch_sampler=[list(range(s, s + batch_size)) for s in starts],
+                            num_workers=workers, pin_memory=device.type == "cuda")
         done = 0
         with autocast(amp, device):
-            for batch in make_loader(dataset, batch_size, workers, device):
-                images = to_device(batch["image"])
-                count = len(images)
-                if count < batch_size:
-                    # Pad to the training batch size: the teacher's float rounding can depend on
-                    # the batch size (measured), not on which images share the batch.
-                    repeats = -(-batch_size // count)
-                    images = torch.cat([images] * repeats)[:batch_size]
-                features = teacher(images)
+            for start, batch in zip(starts, loader):
+                features = teacher(to_device(batch["image"]))
                 if not self._stores:
                     self._allocate(features, device)
+                stop = min(start + batch_size, self.capacity)
+                new = slice(done - start, stop - start)  # the last batch overlaps images stored already
                 for store, f in zip(self._stores, features):
-                    store[done:done + count] = f[:count]
-                    if self.dtype == torch.float16 and not bool(torch.isfinite(store[done:done + count]).all()):
+                    store[done:stop] = f[new]
+                    if self.dtype == torch.float16 and not bool(torch.isfinite(store[done:stop]).all()):
                         raise UserError(f"teacher features do not fit train.feature_cache={self.dtype_name} "
                                         "(too large for it); set train.feature_cache=float32")
-                done += count
+                done = stop
 
     def _allocate(self, features: list[Tensor], device: torch.device) -> None:
         stored = sum(f[0].numel() for f in features) * torch.empty((), dtype=self.dtype).element_size()

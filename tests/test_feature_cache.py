@@ -179,3 +179,33 @@ def test_float16_moves_the_first_epochs_loss_by_float16_rounding_only(data_root,
     full, _ = trained(base, tmp_path / "full")
     assert half[0]["loss"] != full[0]["loss"]
     assert half[0]["loss"] == pytest.approx(full[0]["loss"], rel=2e-3)
+
+
+@pytest.mark.parametrize("batch, seen, batches", [(32, 12, [12]), (5, 15, [5, 5, 5]), (4, 12, [4, 4, 4])])
+def test_the_cache_pads_nothing_and_computes_in_training_sized_batches(batch, seen, batches, data_root, tmp_path):
+    """12 training images: with batch 32 the teacher runs once on the 12 (the size of every training
+    batch then), with batch 5 on [0-4], [5-9] and, overlapping, [7-11]; never on repeated images."""
+    config = run_config(data_root, tmp_path, **{"train.batch_size": batch})
+    splits = splits_for(config)
+    model = build_run_model(config)
+    sizes = []
+
+    def counting_teacher(images):
+        sizes.append(len(images))
+        return model.teacher_features(images)
+
+    device = torch.device("cpu")
+    cache = TeacherFeatureCache.fill(counting_teacher, splits.train, model.teacher.channels, SIZE, config.train,
+                                     0, device, lambda images: images)
+    assert sizes == batches and sum(sizes) == seen and cache.capacity == len(splits.train) == 12
+    everything = torch.stack([splits.train[i]["image"] for i in range(12)])
+    if batch >= 12:  # the one training batch: exactly the uncached step's features
+        expected = model.teacher_features(everything)
+        for e, g in zip(expected, cache.lookup(torch.arange(12), everything, model.teacher_features)):
+            assert torch.equal(e, g)
+    else:  # the overlapping last batch stored only its new images, from a full-size batch
+        last = everything[12 - batch:]
+        expected = model.teacher_features(last)
+        got = cache.lookup(torch.arange(12 - batch, 12), last, model.teacher_features)
+        for e, g in zip(expected, got):
+            assert torch.equal(e[-2:], g[-2:])
