@@ -50,6 +50,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     UserError if it is missing, unreadable, of another format, lacks a key, or its weights do not
     match their stored digest (flipped bytes) or hold nan/inf.
     """
+    if path.is_dir():
+        raise UserError(f"{path} is a folder; give the best.pt inside a run folder, e.g. {path / 'best.pt'}")
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}; train first with phase=train")
     if path.suffix.lower() == ".onnx":

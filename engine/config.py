@@ -117,8 +117,8 @@ class DataSection:
     """What is read: the dataset, its category, and how its images are sized and split."""
 
     dataset: str = setting(str, "dataset layout", choices=DATASET_NAMES)
-    root: str = setting(str, "folder that holds the dataset's category folders (`~` is expanded)", scope="run",
-                        path=True)
+    root: str = setting(str, "folder that holds the dataset's category folders (`~` is expanded)",
+                        lambda v: bool(v.strip()), "a folder path, not empty", scope="run", path=True)
     category: str = setting(str, "one category (a plain folder name, no path), or `all` for every category in turn",
                             _category, "a plain folder name of at most 100 letters, digits, spaces or _ . + -")
     image_size: int = setting(int, f"images (and masks) are resized to this square size; {IMAGE_SIZE_RULE}",

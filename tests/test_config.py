@@ -209,7 +209,7 @@ def test_values_that_would_be_silently_wrong_are_refused(text, fragment, tmp_pat
 
 @pytest.mark.parametrize("arg", ["data.category=../../../victim", "data.category=/abs", "data.category=..",
                                  "data.category=" + "x" * 300, "train.seed=10000000000000", "train.seed=-1",
-                                 "output.dir=", "data.image_size=4096", "eval.sigma=1000", "train.batch_size=100000000",
+                                 "output.dir=", "data.root=", "data.image_size=4096", "eval.sigma=1000", "train.batch_size=100000000",
                                  "eval.batch_size=100000000", "memory.slots=99999999", "memory.exemplars=99999999",
                                  "data.num_workers=100000", "output.dir=~nosuchuser/x", "data.root=~nosuchuser/x",
                                  "model.teacher_weights=~nosuchuser/w.pth"])

@@ -443,3 +443,10 @@ def test_an_onnx_export_given_as_a_checkpoint_is_named_as_such(tmp_path: Path) -
     graph.write_bytes(b"\x08\x07")
     with pytest.raises(UserError, match="is an ONNX export, not a checkpoint; predict.py scores it with backend=onnx"):
         load_checkpoint(graph)
+
+
+def test_a_folder_given_as_a_checkpoint_is_named_as_a_folder(tmp_path: Path) -> None:
+    from engine.checkpoint import load_checkpoint
+
+    with pytest.raises(UserError, match="is a folder; give the best.pt inside a run folder"):
+        load_checkpoint(tmp_path)
