@@ -304,3 +304,10 @@ def test_a_json_that_cannot_be_written_leaves_no_graph_behind(runs, tmp_path, ca
     line = one_line_error(capsys)
     assert "No space left on device" in line and "give output= in a writable folder" in line
     assert "output.dir" not in line and not output.exists()
+
+
+def test_opening_a_graph_switches_onnxruntime_telemetry_off(runs, monkeypatch):
+    calls = []
+    monkeypatch.setattr(onnxruntime, "disable_telemetry_events", lambda: calls.append(True), raising=False)
+    OnnxScorer(runs["stpm"] / "best.onnx")
+    assert calls == [True]
