@@ -72,16 +72,20 @@ class DataDigests:
         return tuple(d for d in (self.train, self.train_by_names) if d)
 
 
+def name_below(path: Path, root: str | Path) -> str:
+    """``path`` relative to ``root`` (data.root) in POSIX form, or whole when it lies elsewhere: which
+    file it is, wherever the data lives."""
+    try:
+        return Path(path).relative_to(Path(root).expanduser()).as_posix()
+    except ValueError:
+        return Path(path).as_posix()
+
+
 def data_digests(splits: DatasetSplits, root: str, files: FileDigests) -> DataDigests:
     """The :class:`DataDigests` of ``splits``; ``files`` remembers each file's sha256, so an
     unchanged dataset costs one ``stat`` per file after its first run."""
-    base = Path(root).expanduser()
-
     def name(path: Path) -> str:
-        try:
-            return Path(path).relative_to(base).as_posix()
-        except ValueError:
-            return Path(path).as_posix()
+        return name_below(path, root)
 
     def digest(parts: dict[str, Any]) -> str:
         total = hashlib.sha256()
@@ -94,20 +98,15 @@ def data_digests(splits: DatasetSplits, root: str, files: FileDigests) -> DataDi
         return total.hexdigest()[:16]
 
     return DataDigests(digest({"train": splits.train, "val": splits.val}), digest({"test": splits.test}),
-                       _names_and_sizes(splits, base))
+                       _names_and_sizes(splits, root))
 
 
-def _names_and_sizes(splits: DatasetSplits, base: Path) -> str:
+def _names_and_sizes(splits: DatasetSplits, root: str) -> str:
     """The training digest of earlier versions: the train and validation images' names and sizes."""
     digest = hashlib.sha256()
     for split in (splits.train, splits.val):
         for sample in split.samples:
-            path = Path(sample.image)
-            try:
-                name = path.relative_to(base).as_posix()
-            except ValueError:
-                name = path.as_posix()
-            digest.update(f"{name}\0{path.stat().st_size}\n".encode())
+            digest.update(f"{name_below(sample.image, root)}\0{Path(sample.image).stat().st_size}\n".encode())
         digest.update(b"|")
     return digest.hexdigest()[:16]
 

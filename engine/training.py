@@ -23,7 +23,7 @@ from utils.device import autocast, make_loader, to_device, tune_for
 from utils.distributed import all_finite, average_gradients, broadcast_buffers
 from utils.errors import UserError
 from engine.feature_cache import IndexedDataset, TeacherFeatureCache
-from engine.records import Run
+from engine.records import Run, name_below
 
 
 @dataclass
@@ -48,14 +48,7 @@ def choose_exemplars(num_train: int, count: int, seed: int) -> list[int]:
 
 def exemplar_files(dataset: AnomalyDataset, indices: list[int], root: str) -> list[str]:
     """The exemplar images' paths relative to ``root`` (data.root): which images, wherever the data lives."""
-    names = []
-    for i in indices:
-        path = Path(dataset.samples[i].image)
-        try:
-            names.append(path.relative_to(Path(root).expanduser()).as_posix())
-        except ValueError:
-            names.append(path.as_posix())
-    return names
+    return [name_below(dataset.samples[i].image, root) for i in indices]
 
 
 def _check_same_exemplars(saved: dict, path: Path, indices: list[int], files: list[str]) -> None:
