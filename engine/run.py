@@ -176,7 +176,10 @@ def _evaluate_and_record(model: MemKD, splits: DatasetSplits, run: Run, state: T
     }
     # history.json first: a run killed between the two writes has no results.json, so it is not
     # taken for finished and the rerun writes both.
-    if settings.phase == "train":
+    # Training's own records, written when this run trained (or one of them is missing): evaluating
+    # a complete last.pt again, on changed test data, leaves them as training wrote them.
+    if settings.phase == "train" and (state.trained_now or not all(
+            (run.folder / name).is_file() for name in ("history.json", "curves.png"))):
         write_json(run.folder / "history.json", state.history)
         save_training_curves(state.history, run.folder / "curves.png",
                              title=f"{settings.method_name} {settings.data.dataset}/{run.category}")

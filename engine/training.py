@@ -35,6 +35,7 @@ class TrainingState:
     best_epoch: int = 0
     seconds: float = 0.0
     history: list[dict[str, float]] = field(default_factory=list)
+    trained_now: int = 0  # epochs trained by this process (not saved): 0 when last.pt was already complete
 
 
 def choose_exemplars(num_train: int, count: int, seed: int) -> list[int]:
@@ -213,6 +214,7 @@ def train(model: MemKD, splits: DatasetSplits, run: Run) -> TrainingState:
         state.seconds += time.perf_counter() - started
         state.history.append(record)
         state.epoch = epoch
+        state.trained_now += 1
         common = dict(settings=settings, student=model.student, fingerprint=model.teacher_fingerprint,
                       data_digest=run.data.train, epoch=epoch,
                       exemplars=exemplars, exemplar_files=exemplar_names)

@@ -203,12 +203,15 @@ def test_a_corrected_test_mask_is_evaluated_again_without_retraining(finished, d
     shutil.copytree(data_root, other)
     mask = sorted((other / "widget" / "ground_truth").rglob("*.png"))[0]
     Image.open(mask).convert("L").point(lambda v: 255 - v).save(mask)  # another ground truth, same file name
-    trained = snapshot(run_dir(out), ("best.pt", "last.pt"))
+    training_files = ("best.pt", "last.pt", "history.json", "curves.png")
+    trained = snapshot(run_dir(out), training_files)
+    written = {name: (run_dir(out) / name).stat().st_mtime_ns for name in training_files}
     old = json.loads((run_dir(out) / "results.json").read_text())
     capsys.readouterr()
     assert main("st", tiny_run_args(other, out, epochs=2)) == 0
     assert "reusing the finished run" not in capsys.readouterr().out
-    assert snapshot(run_dir(out), ("best.pt", "last.pt")) == trained  # evaluated again, not retrained
+    assert snapshot(run_dir(out), training_files) == trained  # evaluated again, not retrained
+    assert {name: (run_dir(out) / name).stat().st_mtime_ns for name in training_files} == written  # nor rewritten
     new = json.loads((run_dir(out) / "results.json").read_text())
     assert new["data_digest"] == old["data_digest"] and new["test_digest"] != old["test_digest"]
     assert new["pixel_auroc"] != old["pixel_auroc"] and new["data_root"] == str(other)
