@@ -8,7 +8,6 @@ Everything here is deterministic and independent of the dataset layout:
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from utils.errors import UserError
+from utils.io import broken_link
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -50,10 +50,10 @@ def list_images(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     entries = sorted(folder.iterdir())
-    broken = [p for p in entries if p.is_symlink() and not p.exists() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    broken = next((message for p in entries if p.suffix.lower() in IMAGE_EXTENSIONS and (message := broken_link(p))),
+                  None)
     if broken:
-        raise UserError(f"{broken[0]} is a link to {os.readlink(broken[0])}, which does not exist; restore the "
-                        "image or remove the link")
+        raise UserError(f"{broken}; restore the image or remove the link")
     return [p for p in entries if is_image_file(p)]
 
 

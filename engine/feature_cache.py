@@ -19,10 +19,10 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from engine.config import TrainSection
-from utils.device import autocast
+from utils.device import autocast, make_loader
 from utils.errors import UserError
 
 # ``train.feature_cache``: the stored dtype, or "off" for no cache.
@@ -114,8 +114,8 @@ class TeacherFeatureCache:
         batches of exactly ``batch_size`` consecutive images (at most the dataset's size)."""
         total = len(dataset)  # type: ignore[arg-type]
         starts = [min(start, total - batch_size) for start in range(0, self.capacity, batch_size)]
-        loader = DataLoader(dataset, batch_sampler=[list(range(s, s + batch_size)) for s in starts],
-                            num_workers=workers, pin_memory=device.type == "cuda")
+        loader = make_loader(dataset, batch_size, workers, device,
+                             batches=[list(range(s, s + batch_size)) for s in starts])
         done = 0
         with autocast(amp, device):
             for start, batch in zip(starts, loader):

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from utils.errors import UserError
+from utils.io import broken_link
 
 OUTPUT_SUFFIXES = ("_overlay.png", "_mask.png")  # what predict.py writes per image, after its output stem
 
@@ -85,9 +86,9 @@ def _search(folder: Path, excluded: Path | None, found: InputImages, visited: di
         if entry.name.startswith("."):
             continue  # hidden files and folders, as in the datasets
         path = folder / entry.name
-        if entry.is_symlink() and not path.exists():
-            raise UserError(f"{path} is a broken link (to {os.readlink(path)}); remove it, or make it point to "
-                            "an image or a folder")
+        broken = broken_link(path)
+        if broken:
+            raise UserError(f"{broken}; remove it, or make it point to an image or a folder")
         if entry.is_dir():
             _search(path, excluded, found, visited)
         elif entry.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
@@ -117,8 +118,8 @@ def find_images(source: Path, output: Path) -> InputImages:
                        if found.skipped else "")
             raise UserError(f"no images in {source} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}{skipped}); "
                             "give an image or a folder of images as input=")
-    elif source.is_symlink():
-        raise UserError(f"input {source} is a broken link (to {os.readlink(source)}); give an image or a folder")
+    elif broken_link(source):
+        raise UserError(f"input {broken_link(source)}; give an image or a folder")
     else:
         raise UserError(f"input {source} does not exist; give an image or a folder of images")
     if found.skipped:

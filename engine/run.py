@@ -27,7 +27,7 @@ from utils.device import select_device
 from utils.digests import FileDigests
 from utils.distributed import World, barrier, main_says
 from utils.errors import UserError
-from utils.io import remove_stale_temporaries, write_json
+from utils.io import broken_link, remove_stale_temporaries, write_json
 from utils.locks import LOCK_NAME, RunLock
 
 
@@ -38,10 +38,9 @@ def _ensure_writable(folder: Path) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        dangling = next((p for p in (folder, *folder.parents) if p.is_symlink() and not p.exists()), None)
-        if dangling is not None:
-            raise UserError(f"{dangling} is a link to {os.readlink(dangling)}, which does not exist; create that "
-                            "folder, or set output.dir to another one") from None
+        broken = next((message for p in (folder, *folder.parents) if (message := broken_link(p))), None)
+        if broken:
+            raise UserError(f"{broken}; create that folder, or set output.dir to another one") from None
         raise UserError(f"cannot write to {folder} ({e.strerror}); set output.dir to a writable folder") from None
 
 

@@ -176,7 +176,7 @@ CASES: list[Case] = [
          ("test/scratch/002.png has no ground-truth mask", "restore it")),
     Case("broken link among the training images",
          _bad_data(lambda c: (c / "train" / "good" / "009.png").symlink_to(c / "gone.png")),
-         ("train/good/009.png is a link to", "which does not exist", "remove the link")),
+         ("train/good/009.png is a broken link (to", "gone.png", "remove the link")),
     Case("more exemplars than training images", lambda w: ["memory.exemplars=1000"],
          ("memory.exemplars=1000", "only 6 images", "at most 6")),
     # The teacher's weights.
@@ -198,7 +198,7 @@ CASES: list[Case] = [
          lambda w: [f"output.dir={w.finished / 'memkd-st' / 'mvtec' / 'widget' / 'results.json' / 'sub'}"],
          ("cannot write to", "results.json/sub", "writable folder")),
     Case("output folder a dangling link", lambda w: [f"output.dir={_dangling_link(w)}"],
-         ("is a link to", "which does not exist", "set output.dir")),
+         ("is a broken link (to", "gone", "set output.dir")),
     Case("phase=test without a checkpoint", lambda w: ["phase=test", f"output.dir={w.tmp / 'empty'}"],
          ("no checkpoint at", "best.pt", "train first")),
     Case("phase=test with a corrupt best.pt", _corrupt_checkpoint("best.pt", "phase=test"),

@@ -9,6 +9,7 @@ not want in the numbers.
 from __future__ import annotations
 
 import contextlib
+from typing import Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -33,13 +34,16 @@ def autocast(amp: bool, device: torch.device) -> contextlib.AbstractContextManag
 
 
 def make_loader(dataset: Dataset, batch_size: int, workers: int, device: torch.device,
-                generator: torch.Generator | None = None, world: World = World()) -> DataLoader:
+                generator: torch.Generator | None = None, world: World = World(),
+                batches: Sequence[Sequence[int]] | None = None) -> DataLoader:
     """Batches of ``dataset`` loaded by ``workers`` processes, shuffled by ``generator`` when one is
-    given (training), else in order.
+    given (training), else in order; or exactly the index lists ``batches`` when given.
 
     In a world of several processes a shuffled loader gives each rank its share of every batch.
     """
     pin = device.type == "cuda"
+    if batches is not None:
+        return DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=pin)
     if generator is not None and world.size > 1:
         return DataLoader(dataset, batch_sampler=ShardedBatches(len(dataset), batch_size, generator, world),
                           num_workers=workers, pin_memory=pin)

@@ -71,6 +71,15 @@ def _os_error_in(error: BaseException) -> OSError | None:
     return None
 
 
+def broken_link(path: str | Path) -> str | None:
+    """``"<path> is a broken link (to <target>)"`` when ``path`` is a symbolic link whose target does
+    not exist, else None: the start of the message every caller completes with its own fix."""
+    path = Path(path)
+    if path.is_symlink() and not path.exists():
+        return f"{path} is a broken link (to {os.readlink(path)})"
+    return None
+
+
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     """Delete the temporary files of atomic writes that were killed mid-way in ``folder``; return them.
 
