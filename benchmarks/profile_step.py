@@ -10,10 +10,12 @@ activations (forward and backward), the softmax / normalisation / product / sum 
 memory read and the losses, layout copies and the optimiser. Also times, outside the profiler
 and by this process's CPU time (one thread by default, so other jobs on the machine barely move
 it), what the teacher-feature cache saves per step: one teacher forward pass; and, per memory,
-what each part of its work costs in a step (the read, the fusion, the exemplar rebuild, the
-logged entropies). Finally counts the operators one training step runs, memory off and on
-(views excluded): on a GPU each is at least one kernel launch, so where a step is small enough to
-be launch-bound, step time follows this count rather than the arithmetic.
+what each part of its work costs in a step (the recall, the fusion, the exemplar rebuild with its
+losses) and what the entropies logged once per epoch cost. Finally counts the operators one
+training step runs, memory off and on (views excluded), with each of the memory's two reads: on a
+GPU each operator is at least one kernel launch, so where a step is small enough to be
+launch-bound, step time follows this count rather than the arithmetic; a GPU runs the attention
+read, the CPU the products read.
 """
 from __future__ import annotations
 
@@ -33,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from benchmarks.train_speed import speed_config, step_functions  # noqa: E402
 from models.registry import method_name  # noqa: E402
 from engine.model import build_run_model  # noqa: E402
-from models.losses import normality_embedding_loss  # noqa: E402
-from models.memory import normalised_entropy  # noqa: E402
+from models.losses import normality_embedding_loss, orthogonality_loss  # noqa: E402
+from models.memory import READ_BY_DEVICE, read_by_attention, read_by_products  # noqa: E402
 from utils.device import to_device  # noqa: E402
 
 # Operator name fragments -> group, first match wins; "autograd::" wrappers are bookkeeping.
@@ -105,17 +107,18 @@ def _median_time(step, clock, repeats: int = 5) -> float:
 
 def memory_pieces(model, images: torch.Tensor, exemplars: int, clock) -> list[str]:
     """Per memory, forward + backward time of each part of its work in a training step, on the
-    shapes the step has: the read (queries against keys, softmax, weighted read of values), the
-    fusion (concatenation, 1x1 convolution, batch norm, ReLU), the exemplar rebuild with L_NM,
-    and the two recall entropies that are logged."""
+    shapes the step has: the recall (one normalisation of queries, keys and values; the read), the
+    fusion (concatenation, 1x1 convolution, batch norm, ReLU) and the exemplar rebuild with L_NM
+    and L_Orth; and the logged entropies, which run once per epoch, not per step."""
     lines = []
     teacher = model.teacher_features(images)
-    targets = model.student.memory_targets(model.teacher_features(images[:exemplars]))
+    model.set_exemplars(images[:exemplars])
+    targets = model._exemplar_unit_targets()
     for fusion, feature, target in zip(model.student.memories, model.student.memory_targets(teacher), targets):
         queries = feature.detach().clone().requires_grad_()
         memory = fusion.memory
 
-        def read():
+        def recall():
             recalled, _ = memory.recall(queries)
             recalled.sum().backward()
 
@@ -124,21 +127,41 @@ def memory_pieces(model, images: torch.Tensor, exemplars: int, clock) -> list[st
                 fusion.fuse(torch.cat([queries, queries.detach()], dim=1)).sum().backward()
 
         def rebuild():
-            rebuilt, _ = memory.rebuild(target)
-            normality_embedding_loss(rebuilt, target).backward()
+            _, memory_read = memory.recall(queries.detach())
+            (normality_embedding_loss(memory.rebuild(target, memory_read), target)
+             + orthogonality_loss(memory_read.unit_keys, memory_read.unit_values)).backward()
 
-        def entropies():
-            with torch.no_grad():
-                normalised_entropy(memory.recall(queries)[1]), normalised_entropy(memory.rebuild(target)[1])
-
-        with torch.no_grad():
-            reads = _median_time(lambda: (memory.recall(queries), memory.rebuild(target)), clock)
         timed = {name: _median_time(step, clock) for name, step in
-                 (("read", read), ("fusion conv+BN+ReLU", fuse), ("exemplar rebuild + L_NM", rebuild))}
-        timed["entropies"] = _median_time(entropies, clock) - reads  # their reads are timed above
+                 (("recall", recall), ("fusion conv+BN+ReLU", fuse), ("exemplar rebuild + L_NM + L_Orth", rebuild))}
         shape = "x".join(str(d) for d in feature.shape)
         lines.append(f"  memory on {shape}: " + ", ".join(f"{k} {1000 * v:.0f} ms" for k, v in timed.items()))
+    lines.append(f"  logged entropies, once per epoch: {1000 * _median_time(model.memory_entropies, clock):.0f} ms")
     return lines
+
+
+def operator_counts(method: str, backbone: str, batch: int, size: int, device: torch.device) -> dict[str, int]:
+    """Operators per training step: memory ``off``, and on with each read the memory has,
+    ``attention`` (what a GPU runs: one fused operator each way) and ``products`` (what the CPU
+    runs, faster there)."""
+    counts = {"off": operators_per_step(step_functions(speed_config(method, backbone, memory=False, fast=True),
+                                                       method, batch, size, device)[0])}
+    on = speed_config(method, backbone, memory=True, fast=True)
+    original = dict(READ_BY_DEVICE)
+    try:
+        for name, reader in (("attention", read_by_attention), ("products", read_by_products)):
+            READ_BY_DEVICE[device.type] = reader
+            counts[name] = operators_per_step(step_functions(on, method, batch, size, device)[0])
+    finally:
+        READ_BY_DEVICE.update(original)
+    return counts
+
+
+def describe_counts(method: str, counts: dict[str, int]) -> list[str]:
+    """The printed line of :func:`operator_counts`, with each memory read's ratio to the baseline."""
+    base, memory = method_name(method, False), method_name(method, True)
+    return [f"  operators per training step (views excluded): {base} {counts['off']}, "
+            f"{memory} {counts['attention']} ({counts['attention'] / counts['off']:.2f}x) with the read a GPU runs "
+            f"(attention), {counts['products']} ({counts['products'] / counts['off']:.2f}x) with the CPU's (products)"]
 
 
 def main(argv: list[str]) -> None:
@@ -175,12 +198,8 @@ def main(argv: list[str]) -> None:
         print(f"  one teacher forward pass (what the cache saves per step): {teacher:.2f} s; "
               f"the cached step itself: {step:.2f} s ({'CPU' if args.threads == 1 else 'wall'} time)")
         model.train()
-        print("\n".join(memory_pieces(model, images, config.memory.exemplars, clock)))
-        off = speed_config(method, args.backbone, memory=False, fast=True)
-        counts = [operators_per_step(step_functions(off, method, args.batch, args.size, device)[0]),
-                  operators_per_step(train_step)]
-        print(f"  operators per training step (views excluded): {method_name(method, False)} {counts[0]}, "
-              f"{method_name(method, True)} {counts[1]} ({counts[1] / counts[0]:.2f}x)")
+        print("\n".join(memory_pieces(model, images, min(config.memory.exemplars, args.batch), clock)))
+        print("\n".join(describe_counts(method, operator_counts(method, args.backbone, args.batch, args.size, device))))
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from models.folding import inference_copy, scoring_through  # noqa: E402
 from engine.config import RunSettings, load_config  # noqa: E402
 from utils.device import autocast, memory_format, select_device, to_device, tune_for  # noqa: E402
 from engine.feature_cache import TeacherFeatureCache  # noqa: E402
-from engine.training import build_optimizer  # noqa: E402
+from engine.training import begin_step, build_optimizer, loss_function  # noqa: E402
 
 
 class RandomImages(Dataset):
@@ -73,16 +73,14 @@ def on_speed_path(config: RunSettings) -> bool:
     return config.train.feature_cache != "off"
 
 
-def step_functions(config: RunSettings, method: str, batch: int, size: int, device: torch.device,
-                   compile_student: bool = False) -> tuple[Callable[[], None], Callable[[], None]]:
-    """(one training step, one batch of anomaly maps) as the engine runs them for ``config``;
-    ``compile_student`` runs the student through ``torch.compile``."""
+def step_functions(config: RunSettings, method: str, batch: int, size: int,
+                   device: torch.device) -> tuple[Callable[[], None], Callable[[], None]]:
+    """(one training step, one batch of anomaly maps) as the engine runs them for ``config``, the
+    step compiled as ``train.compile`` says (engine/training.py; maps are never compiled)."""
     config = config.replace({"train.batch_size": batch})
     model = build_run_model(config).to(device)
     fast = on_speed_path(config)
     tune_for(device)
-    if compile_student:
-        model.student.compile()
     dataset = RandomImages(batch, size)
     images = to_device(dataset.images, device, config.train.channels_last)
     indices = torch.arange(batch)
@@ -91,12 +89,14 @@ def step_functions(config: RunSettings, method: str, batch: int, size: int, devi
                                      config.data.num_workers, device,
                                      lambda x: to_device(x, device, config.train.channels_last))
     optimizer = build_optimizer(model.trainable_parameters(), config.train)
+    losses_of = loss_function(model, config.train, device)
 
     def train_step() -> None:
         model.train()
+        begin_step(config.train, device)
         with autocast(config.train.amp, device):
             teacher = cache.lookup(indices, images, model.teacher_features) if cache else None
-            loss = model.loss(images, teacher)["loss"]
+            loss = losses_of(images, teacher)["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -37,6 +37,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "config.yaml"
 # ``train.feature_cache``: the stored dtype of the teacher-feature cache, or no cache (engine/feature_cache.py).
 FEATURE_CACHE_CHOICES: tuple[str, ...] = ("float32", "float16", "off")
+COMPILE_CHOICES: tuple[str, ...] = ("off", "step", "cudagraphs")
 
 
 @dataclass(frozen=True)
@@ -206,6 +207,11 @@ class TrainSection:
                                    _non_negative, ">= 0")
     channels_last: bool = setting(bool, "channels-last memory layout for images and features: faster convolutions, "
                                         "but on CPU a MobileNetV2 student's gradients change beyond float rounding")
+    compile: str = setting(str, "the training step's forward and backward through torch.compile: `off`, `step` "
+                                "(fused kernels generated once per batch shape; they round differently from `off`) or "
+                                "`cudagraphs` (each batch shape's kernels recorded once and replayed as one CUDA "
+                                "graph, no launch per operator; CUDA only, elsewhere the same as `off`)",
+                           choices=COMPILE_CHOICES)
     parallel: str = setting(str, "under torchrun: `categories` (each process trains whole categories of a sweep) or "
                                  "`data` (the processes share each batch of one category, gradients averaged)",
                             choices=("categories", "data"), scope="run")

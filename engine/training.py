@@ -9,6 +9,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -95,6 +96,28 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainSection) -> to
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
 
 
+LossFunction = Callable[[torch.Tensor, "list[torch.Tensor] | None"], dict[str, torch.Tensor]]
+
+
+def loss_function(model: MemKD, train: TrainSection, device: torch.device) -> LossFunction:
+    """``model.loss``, or as ``train.compile`` asks, traced with its backward for static shapes:
+    each batch shape is traced once, so the last, smaller batch of an epoch gets its own traced
+    step and trains on exactly its images, as without compiling. ``step`` generates fused kernels
+    (TorchInductor); ``cudagraphs`` records each shape's kernels once and replays them as one CUDA
+    graph, with no launch per operator; there are no CUDA graphs off CUDA, so there it is ``off``."""
+    if train.compile == "off" or (train.compile == "cudagraphs" and device.type != "cuda"):
+        return model.loss
+    if train.compile == "cudagraphs":  # traced, not code-generated: ready in seconds
+        return torch.compile(model.loss, backend="cudagraphs", dynamic=False)
+    return torch.compile(model.loss, dynamic=False)
+
+
+def begin_step(train: TrainSection, device: torch.device) -> None:
+    """Tell the CUDA graphs a new training step begins: the last step's outputs may be overwritten."""
+    if train.compile == "cudagraphs" and device.type == "cuda":
+        torch.compiler.cudagraph_mark_step_begin()
+
+
 @torch.no_grad()
 def validation_error(model: MemKD, dataset: Dataset, settings: RunSettings, device: torch.device) -> float:
     """Mean L_KD over held-out normal TRAIN images; the student is back in train mode afterwards."""
@@ -109,23 +132,27 @@ def validation_error(model: MemKD, dataset: Dataset, settings: RunSettings, devi
     return total / max(count, 1)
 
 
-def _train_one_epoch(model: MemKD, optimizer: torch.optim.Optimizer, loader: DataLoader, run: Run, epoch: int,
-                     state: TrainingState, cache: TeacherFeatureCache | None = None) -> dict[str, float]:
+def _train_one_epoch(model: MemKD, losses_of: LossFunction, optimizer: torch.optim.Optimizer, loader: DataLoader,
+                     run: Run, epoch: int, state: TrainingState,
+                     cache: TeacherFeatureCache | None = None) -> dict[str, float]:
     """One pass over the training images (batches of IndexedDataset items); the mean of every
-    logged loss term over its steps. Teacher features come from ``cache`` when there is one.
+    logged loss term over its steps. ``losses_of`` is ``model.loss`` or its compiled form
+    (:func:`loss_function`). Teacher features come from ``cache`` when there is one.
 
     In a data-parallel world each rank sees its share of every batch and the gradients are
     averaged before the step, so every rank takes the same step (utils/distributed.py).
     """
     train = run.settings.train
-    sums: dict[str, float] = {}
+    names: list[str] = []
+    sums: torch.Tensor | None = None  # every term's running sum, read once per epoch: no sync per term
     steps = 0
     for step, batch in enumerate(tqdm(loader, desc=f"epoch {epoch}/{train.epochs}", leave=False, disable=None),
                                  start=1):
         images = to_device(batch["image"], run.device, train.channels_last)
+        begin_step(train, run.device)
         with autocast(train.amp, run.device):
             teacher = cache.lookup(batch["index"], images, model.teacher_features) if cache else None
-            losses = model.loss(images, teacher)
+            losses = losses_of(images, teacher)
         loss_value = losses["loss"].item()
         if not all_finite(loss_value, run.world):  # every rank stops together, never one left waiting
             raise _diverged(f"the loss became {loss_value}", epoch, step, state.epoch, run.folder / "last.pt")
@@ -133,10 +160,11 @@ def _train_one_epoch(model: MemKD, optimizer: torch.optim.Optimizer, loader: Dat
         losses["loss"].backward()
         average_gradients(model.trainable_parameters(), run.world)
         optimizer.step()
-        for name, value in losses.items():
-            sums[name] = sums.get(name, 0.0) + float(value.detach())
+        names = list(losses)
+        terms = torch.stack([value.detach().float() for value in losses.values()])
+        sums = terms if sums is None else sums + terms
         steps += 1
-    return {name: total / steps for name, total in sums.items()}
+    return {name: total / steps for name, total in zip(names, sums.tolist())}
 
 
 def train(model: MemKD, splits: DatasetSplits, run: Run) -> TrainingState:
@@ -191,6 +219,7 @@ def train(model: MemKD, splits: DatasetSplits, run: Run) -> TrainingState:
         if cache is not None and world.is_main:
             tqdm.write(cache.describe())
     model.train()
+    losses_of = loss_function(model, train, device)
     for epoch in range(state.epoch + 1, epochs + 1):
         started = time.perf_counter()
         generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -198,7 +227,8 @@ def train(model: MemKD, splits: DatasetSplits, run: Run) -> TrainingState:
         # exactly the batches of the plain dataset.
         loader = make_loader(IndexedDataset(splits.train), train.batch_size, settings.data.num_workers, device,
                              generator, world)
-        record = {"epoch": epoch, **_train_one_epoch(model, optimizer, loader, run, epoch, state, cache)}
+        record = {"epoch": epoch, **_train_one_epoch(model, losses_of, optimizer, loader, run, epoch, state, cache),
+                  **model.memory_entropies()}
         broadcast_buffers(model.student, world)  # rank 0's BatchNorm statistics, so all ranks validate alike
         scheduler.step()
         if len(splits.val):

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from models import registry
+from models.memory import unit_and_length, unit_backward
 
 DistillationLoss = Callable[[Sequence[Tensor], Sequence[Tensor]], Tensor]
 
@@ -43,20 +45,58 @@ DISTILLATION_LOSSES: dict[str, DistillationLoss] = dict(zip(registry.DISTILLATIO
                                                             (stpm_distillation_loss, rd4ad_distillation_loss), strict=True))
 
 
-def normality_embedding_loss(rebuilt: Tensor, target: Tensor) -> Tensor:
-    """L_NM: squared distance between L2-normalised rebuilt and target features [B, C, H, W].
+# The memory's two losses are written with their gradients by hand (torch.autograd.Function): they
+# run for every memory in every step, and on a GPU each operator is a kernel launch; autograd's
+# chains for them take 15 and 9 operators, these 12 and 7. tests/test_models.py checks both
+# against autograd through the plain formulas.
 
-    Averaged over positions; lies in [0, 4] (0 when every direction is rebuilt exactly).
+
+class _NormalityEmbedding(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, rebuilt: Tensor, unit_target: Tensor) -> Tensor:
+        unit, length = unit_and_length(rebuilt, -1)
+        diff = (unit - unit_target).view(-1)
+        ctx.save_for_backward(unit, length, diff)
+        ctx.positions = len(rebuilt)
+        return torch.dot(diff, diff) / ctx.positions
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        unit, length, diff = ctx.saved_tensors
+        grad_unit = (diff * (grad * (2.0 / ctx.positions))).view(unit.shape)
+        return unit_backward(grad_unit, unit, length, -1), None
+
+
+def normality_embedding_loss(rebuilt: Tensor, unit_target: Tensor) -> Tensor:
+    """L_NM: squared distance between the L2-normalised rebuilt features and the target features,
+    rows [S, C] of feature vectors, the target's given as unit rows (exemplar targets are fixed:
+    normalised once): mean over rows of ||n(rebuilt) - target||^2.
+
+    Lies in [0, 4] (0 when every direction is rebuilt exactly).
     """
-    diff = F.normalize(rebuilt.float(), dim=1) - F.normalize(target.float(), dim=1)
-    return diff.pow(2).sum(1).mean()
+    return _NormalityEmbedding.apply(rebuilt, unit_target)
 
 
-def orthogonality_loss(keys: Tensor, values: Tensor) -> Tensor:
-    """L_Orth: mean squared cosine between every key and every value.
+class _Orthogonality(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, unit_keys: Tensor, unit_values: Tensor) -> Tensor:
+        cosines = unit_keys @ unit_values.t()
+        ctx.save_for_backward(unit_keys, unit_values, cosines)
+        flat = cosines.view(-1)
+        return torch.dot(flat, flat) / flat.numel()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
+        unit_keys, unit_values, cosines = ctx.saved_tensors
+        grad_cosines = cosines * (grad * (2.0 / cosines.numel()))
+        return grad_cosines @ unit_values, grad_cosines.t() @ unit_keys
+
+
+def orthogonality_loss(unit_keys: Tensor, unit_values: Tensor) -> Tensor:
+    """L_Orth: mean squared cosine between every key and every value, given as unit rows [L, C]
+    (normalised once per step, with the read: models.memory.MemoryRead): one product.
 
     Zero exactly when keys and values are orthogonal; squaring means anti-correlated pairs are
     penalised like correlated ones (a signed sum would reward them).
     """
-    cosines = F.normalize(keys, dim=1) @ F.normalize(values, dim=1).t()
-    return cosines.pow(2).mean()
+    return _Orthogonality.apply(unit_keys, unit_values)

@@ -14,15 +14,20 @@ from torch import Tensor, nn
 from models.anomaly_map import MapSettings, anomaly_map
 from models.feature_extractor import FeatureExtractor
 from models.losses import DISTILLATION_LOSSES, normality_embedding_loss, orthogonality_loss
-from models.memory import normalised_entropy
+from models.memory import MemoryRead, normalised_entropy, positions, unit_vectors
 
 
 class StudentOutput(NamedTuple):
     """What every student returns: features in the teacher's stage order (strides 4, 8, 16) and
-    each memory's read weights."""
+    what each memory read, in the order of ``student.memories``."""
 
     features: list[Tensor]
-    recall_weights: list[Tensor]
+    memory_reads: list[MemoryRead]
+
+
+def _unit_positions(features: Tensor) -> Tensor:
+    """``features`` [B, C, H, W] as unit rows [B*H*W, C], what a memory rebuilds and L_NM compares."""
+    return unit_vectors(positions(features.float()), dim=-1)
 
 
 class MemKD(nn.Module):
@@ -30,7 +35,8 @@ class MemKD(nn.Module):
 
     ``student`` must take ``(images, teacher_features)``, return a ``StudentOutput``, and expose
     ``memories`` (a ModuleList of MemoryFusion, empty for the baseline) with
-    ``memory_targets(teacher_features)``, what each memory's values learn to rebuild.
+    ``memory_targets(teacher_features)``, what each memory's values learn to rebuild, and
+    ``fixed_memory_targets``, which of those depend only on the image (not on trained weights).
     ``distillation`` names the L_KD form (``models.losses.DISTILLATION_LOSSES``); ``map_settings``
     is how :meth:`anomaly_map` scores, an evaluation choice that may be replaced after training.
     ``teacher_fingerprint`` identifies the weights the teacher was built from.
@@ -47,7 +53,9 @@ class MemKD(nn.Module):
         self.map_settings = map_settings
         self.teacher_fingerprint = teacher_fingerprint
         self.teacher_description = teacher_description
+        self._exemplar_images: Tensor | None = None
         self._exemplar_features: list[Tensor] = []
+        self._exemplar_units: list[Tensor | None] = []  # fixed targets as unit rows, None for moving ones
         self.set_inference_teacher(None)
 
     @property
@@ -69,10 +77,26 @@ class MemKD(nn.Module):
 
     @torch.no_grad()
     def set_exemplars(self, images: Tensor) -> None:
-        """Fix the exemplar set: its teacher features, computed once (the teacher never changes)."""
+        """Fix the exemplar set: its teacher features and, for the memories whose targets are
+        teacher features, the normalised targets, each computed once (the teacher never changes)."""
         if not self.has_memory:
             return
+        self._exemplar_images = images
         self._exemplar_features = self.teacher_features(images)
+        targets = self.student.memory_targets(self._exemplar_features)
+        self._exemplar_units = [_unit_positions(target) if fixed else None
+                                for target, fixed in zip(targets, self.student.fixed_memory_targets, strict=True)]
+
+    def _exemplar_unit_targets(self) -> list[Tensor]:
+        """Each memory's exemplar targets as unit rows [N*H*W, C]: stored when fixed, recomputed
+        when they move."""
+        if not self._exemplar_features:
+            raise RuntimeError("set_exemplars() must be called before training a model with memory")
+        if all(unit is not None for unit in self._exemplar_units):
+            return self._exemplar_units
+        targets = self.student.memory_targets(self._exemplar_features)
+        return [_unit_positions(target) if unit is None else unit
+                for unit, target in zip(self._exemplar_units, targets)]
 
     @torch.no_grad()
     def teacher_features(self, images: Tensor) -> list[Tensor]:
@@ -86,7 +110,8 @@ class MemKD(nn.Module):
 
         loss = L_KD + lambda1 * L_NM + lambda2 * L_Orth (the last two only with memory).
         ``teacher_features``, when given, must be :meth:`teacher_features` of ``images`` (e.g. from
-        a cache); otherwise the teacher runs here.
+        a cache); otherwise the teacher runs here. How selective the memories read is not computed
+        here, where every operator costs a kernel launch per step: see :meth:`memory_entropies`.
         """
         teacher = self.teacher_features(images) if teacher_features is None else teacher_features
         student = self.student(images, teacher)
@@ -94,22 +119,50 @@ class MemKD(nn.Module):
         terms = {"kd": kd}
         total = kd
         if self.has_memory:
-            if not self._exemplar_features:
-                raise RuntimeError("set_exemplars() must be called before training a model with memory")
-            nm, orth, exemplar_entropy = [], [], []
-            targets = self.student.memory_targets(self._exemplar_features)
-            for fusion, target in zip(self.student.memories, targets):
-                rebuilt, weights = fusion.memory.rebuild(target)
-                nm.append(normality_embedding_loss(rebuilt, target))
-                orth.append(orthogonality_loss(fusion.memory.keys, fusion.memory.values))
-                exemplar_entropy.append(normalised_entropy(weights.detach()))
-            terms["nm"] = torch.stack(nm).mean()
-            terms["orth"] = torch.stack(orth).mean()
-            total = kd + self.lambda1 * terms["nm"] + self.lambda2 * terms["orth"]
-            terms["recall_entropy"] = torch.stack([normalised_entropy(w.detach()) for w in student.recall_weights]).mean()
-            terms["exemplar_entropy"] = torch.stack(exemplar_entropy).mean()
+            terms_per_memory = []  # [nm, orth] of each memory
+            for fusion, memory_read, target in zip(self.student.memories, student.memory_reads,
+                                                   self._exemplar_unit_targets()):
+                rebuilt = fusion.memory.rebuild(target, memory_read)
+                terms_per_memory += [normality_embedding_loss(rebuilt, target),
+                                     orthogonality_loss(memory_read.unit_keys, memory_read.unit_values)]
+            # total = kd + lambda1 * mean(nm) + lambda2 * mean(orth) as one product: per step this
+            # is the whole cost of combining the memories' terms.
+            memory_terms = torch.stack(terms_per_memory)
+            total = kd + memory_terms @ self._memory_term_weights(memory_terms)
+            with torch.no_grad():
+                terms["nm"], terms["orth"] = memory_terms.view(-1, 2).mean(0).unbind()
         logs = {name: value.detach() for name, value in terms.items()}
         return {"loss": total, **logs}
+
+    def _memory_term_weights(self, like: Tensor) -> Tensor:
+        """[lambda1/M, lambda2/M] repeated for each of the M memories, on ``like``'s device (made
+        once: a constant of the model)."""
+        weights = self.__dict__.get("_term_weights")
+        if weights is None or weights.device != like.device:
+            count = len(self.student.memories)
+            weights = torch.tensor([self.lambda1 / count, self.lambda2 / count] * count, device=like.device)
+            self.__dict__["_term_weights"] = weights
+        return weights
+
+    @torch.no_grad()
+    def memory_entropies(self) -> dict[str, float]:
+        """How selective the memories read, on the fixed exemplar images with the student in eval
+        mode (so nothing it holds changes): the normalised entropy (1 = uniform, 0 = one slot) of
+        the student's recall weights and of the exemplar rebuild weights, averaged over memories.
+        Logged once per epoch, outside the training step; empty without memory."""
+        if not self.has_memory:
+            return {}
+        training = self.student.training
+        self.student.eval()
+        reads = self.student(self._exemplar_images, self._exemplar_features).memory_reads
+        targets = self._exemplar_unit_targets()
+        self.student.train(training)
+        recall = [normalised_entropy(fusion.memory.recall_weights(memory_read.queries))
+                  for fusion, memory_read in zip(self.student.memories, reads)]
+        rebuild = [normalised_entropy(fusion.memory.rebuild_weights(target))
+                   for fusion, target in zip(self.student.memories, targets)]
+        return {"recall_entropy": torch.stack(recall).mean().item(),
+                "exemplar_entropy": torch.stack(rebuild).mean().item()}
 
     @torch.no_grad()
     def distillation_error(self, images: Tensor) -> Tensor:

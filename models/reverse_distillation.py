@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from models.memkd import StudentOutput
-from models.memory import MemoryFusion, MemorySettings
+from models.memory import MemoryFusion, MemoryRead, MemorySettings
 from models.registry import MEMORY_STAGES, MemoryStage
 
 
@@ -136,6 +136,8 @@ class RDStudent(nn.Module):
                     3: teacher_channels[2]}
         self.memories = nn.ModuleList(
             MemoryFusion(channels[s], memory.slots, memory.temperature, memory.fusion) for s in self.memory_stages)
+        # Which memory_targets never change for an image: the teacher stages', not the bottleneck's.
+        self.fixed_memory_targets = tuple(stage != "bottleneck" for stage in self.memory_stages)
 
     def memory_targets(self, teacher_features: list[Tensor]) -> list[Tensor]:
         """What each memory's values learn to rebuild: the teacher stage it mirrors, or for
@@ -149,20 +151,20 @@ class RDStudent(nn.Module):
                 targets.append(teacher_features[stage - 1])
         return targets
 
-    def _fuse(self, place: MemoryStage, x: Tensor, recall_weights: list[Tensor]) -> Tensor:
+    def _fuse(self, place: MemoryStage, x: Tensor, reads: list[MemoryRead]) -> Tensor:
         if place not in self.memory_stages:
             return x
-        x, weights = self.memories[self.memory_stages.index(place)](x)
-        recall_weights.append(weights)
+        x, memory_read = self.memories[self.memory_stages.index(place)](x)
+        reads.append(memory_read)
         return x
 
     def forward(self, images: Tensor, teacher_features: list[Tensor]) -> StudentOutput:
-        recall_weights: list[Tensor] = []
-        x = self._fuse("bottleneck", self.bottleneck(teacher_features), recall_weights)
+        reads: list[MemoryRead] = []
+        x = self._fuse("bottleneck", self.bottleneck(teacher_features), reads)
         decoded = []
         for i, stage in enumerate(self.decoder):
             x = stage(x)
             decoded.append(x)
             if i < len(self.decoder) - 1:
-                x = self._fuse(len(self.decoder) - i, x, recall_weights)
-        return StudentOutput(decoded[::-1], recall_weights)
+                x = self._fuse(len(self.decoder) - i, x, reads)
+        return StudentOutput(decoded[::-1], reads)

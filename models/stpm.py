@@ -5,7 +5,7 @@ from torch import Tensor, nn
 
 from models.feature_extractor import FeatureExtractor
 from models.memkd import StudentOutput
-from models.memory import MemoryFusion, MemorySettings
+from models.memory import MemoryFusion, MemoryRead, MemorySettings
 from models.registry import MEMORY_STAGES, MemoryStage
 
 
@@ -26,21 +26,23 @@ class STStudent(nn.Module):
         self.memories = nn.ModuleList(
             MemoryFusion(teacher_channels[s - 1], memory.slots, memory.temperature, memory.fusion)
             for s in self.memory_stages)
+        # Which memory_targets never change for an image: all of them, teacher features.
+        self.fixed_memory_targets = (True,) * len(self.memory_stages)
 
     def memory_targets(self, teacher_features: list[Tensor]) -> list[Tensor]:
         """What each memory's values learn to rebuild: the teacher's features at its stage."""
         return [teacher_features[s - 1] for s in self.memory_stages]
 
     def forward(self, images: Tensor, teacher_features: list[Tensor]) -> StudentOutput:
-        recall_weights: list[Tensor] = []
+        reads: list[MemoryRead] = []
 
         def fuse_memory(stage_index: int, feature: Tensor) -> Tensor:
             stage = stage_index + 1
             if stage not in self.memory_stages:
                 return feature
-            fused, weights = self.memories[self.memory_stages.index(stage)](feature)
-            recall_weights.append(weights)
+            fused, memory_read = self.memories[self.memory_stages.index(stage)](feature)
+            reads.append(memory_read)
             return fused
 
         features = self.network(images, fuse_memory if self.memory_stages else None)
-        return StudentOutput(features, recall_weights)
+        return StudentOutput(features, reads)

@@ -120,7 +120,7 @@ _OTHER_VALUE = {"phase": "test", "data.dataset": "visa", "data.image_size": 128,
                 "train.optimizer": "adam", "train.scheduler": "cosine", "train.device": "cpu",
                 "train.betas": [0.8, 0.99], "train.momentum": 0.5, "loss.distillation": "rd4ad",
                 "eval.combine": "sum", "eval.sigma": 2.0, "memory.fusion": "add", "model.teacher_weights": "w.pth",
-                "train.seed": 7, "train.parallel": "data", "train.feature_cache": "float16"}
+                "train.seed": 7, "train.parallel": "data", "train.feature_cache": "float16", "train.compile": "step"}
 
 
 def _other(key, value):

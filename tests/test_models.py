@@ -54,19 +54,21 @@ def test_teacher_loads_a_state_dict_without_head():
 def test_memory_parameters_train_and_are_saved():
     model = build_run_model(config_for("st"))
     names = dict(model.student.named_parameters())
-    for memory_param in ("memories.0.memory.keys", "memories.0.memory.values", "memories.1.memory.values"):
+    for memory_param in ("memories.0.memory.rows", "memories.1.memory.rows"):
         assert memory_param in names and names[memory_param].requires_grad
         assert memory_param in model.student.state_dict()
     model.set_exemplars(torch.randn(2, 3, 64, 64))
     model.loss(torch.randn(2, 3, 64, 64))["loss"].backward()
-    assert names["memories.0.memory.keys"].grad.abs().sum() > 0
-    assert names["memories.0.memory.values"].grad.abs().sum() > 0
+    memory = model.student.memories[0].memory
+    keys_grad, values_grad = memory.rows.grad.split(memory.slots)
+    assert keys_grad.abs().sum() > 0 and values_grad.abs().sum() > 0
 
 
 def test_recall_is_the_softmax_weighted_mix_of_values():
     memory = NormalityMemory(channels=4, slots=3, temperature=0.5)
     features = torch.randn(2, 4, 3, 5)
-    recalled, weights = memory.recall(features)
+    recalled, _ = memory.recall(features)
+    weights = memory.recall_weights(features)
     query = features[1, :, 2, 4]
     cos = F.cosine_similarity(query[None], memory.keys, dim=1)
     expected_weights = torch.softmax(cos / 0.5, dim=0)
@@ -78,8 +80,10 @@ def test_recall_is_the_softmax_weighted_mix_of_values():
 
 def test_rebuild_addresses_the_values_not_the_keys():
     memory = NormalityMemory(channels=8, slots=5, temperature=0.01)
-    target = memory.values.detach()[2].view(1, 8, 1, 1) * 3.0  # a scaled copy of value 2
-    rebuilt, weights = memory.rebuild(target)
+    target = F.normalize(memory.values.detach()[2:3] * 3.0, dim=1)  # the direction of value 2
+    _, memory_read = memory.recall(torch.randn(1, 8, 2, 2))
+    rebuilt = memory.rebuild(target, memory_read)
+    weights = memory.rebuild_weights(target)
     assert weights[0].argmax() == 2 and weights[0, 2] > 0.99
     assert normality_embedding_loss(rebuilt, target) < 1e-3
 
@@ -90,8 +94,8 @@ def test_small_temperature_selects_and_temperature_one_does_not():
     selective = NormalityMemory(64, 50, temperature=0.05)
     uniform = NormalityMemory(64, 50, temperature=1.0)
     uniform.load_state_dict(selective.state_dict())
-    assert normalised_entropy(uniform.recall(features)[1]) > 0.99
-    assert normalised_entropy(selective.recall(features)[1]) < 0.9
+    assert normalised_entropy(uniform.recall_weights(features)) > 0.99
+    assert normalised_entropy(selective.recall_weights(features)) < 0.9
 
 
 def test_normalised_entropy_bounds():
@@ -134,11 +138,12 @@ def test_each_script_trains_with_its_papers_loss_and_map_by_default(method, form
 
 
 def test_normality_embedding_loss_compares_directions():
-    target = torch.randn(2, 6, 3, 3)
-    assert normality_embedding_loss(5 * target, target) < 1e-10
-    assert normality_embedding_loss(-target, target) == pytest.approx(4.0)
-    expected = (F.normalize(target.flip(0), dim=1) - F.normalize(target, dim=1)).pow(2).sum(1).mean()
-    assert torch.allclose(normality_embedding_loss(target.flip(0), target), expected)
+    target = torch.randn(18, 6)
+    unit = F.normalize(target, dim=1)
+    assert normality_embedding_loss(5 * target, unit) < 1e-10
+    assert normality_embedding_loss(-target, unit) == pytest.approx(4.0)
+    expected = (F.normalize(target.flip(0), dim=1) - unit).pow(2).sum(1).mean()
+    assert torch.allclose(normality_embedding_loss(target.flip(0), unit), expected)
 
 
 def test_orthogonality_loss_is_zero_only_when_orthogonal_and_never_rewards_anticorrelation():
@@ -147,7 +152,7 @@ def test_orthogonality_loss_is_zero_only_when_orthogonal_and_never_rewards_antic
     assert orthogonality_loss(keys, values) == 0
     assert orthogonality_loss(keys, keys) > 0
     assert orthogonality_loss(keys, -keys) == orthogonality_loss(keys, keys)
-    random_keys, random_values = torch.randn(5, 6), torch.randn(5, 6)
+    random_keys, random_values = F.normalize(torch.randn(5, 6), dim=1), F.normalize(torch.randn(5, 6), dim=1)
     assert orthogonality_loss(random_keys, random_values) > 0
 
 
@@ -197,7 +202,7 @@ def test_memory_places_and_fusion_are_configurable_and_train(method, stages, fus
     model.set_exemplars(torch.randn(2, 3, 64, 64))
     losses = model.loss(torch.randn(2, 3, 64, 64))
     losses["loss"].backward()
-    assert torch.isfinite(losses["nm"]) and all(m.memory.values.grad is not None for m in model.student.memories)
+    assert torch.isfinite(losses["nm"]) and all(m.memory.rows.grad is not None for m in model.student.memories)
 
 
 def test_memory_places_a_student_cannot_hold_are_refused():

@@ -227,10 +227,10 @@ def test_a_retrain_killed_part_way_is_not_taken_for_finished(finished, data_root
     shutil.copytree(finished, out)
     real_epoch = training._train_one_epoch
 
-    def killed_at_epoch_2(model, optimizer, loader, run, epoch, *args, **kwargs):
+    def killed_at_epoch_2(model, losses_of, optimizer, loader, run, epoch, *args, **kwargs):
         if epoch == 2:
             raise KeyboardInterrupt
-        return real_epoch(model, optimizer, loader, run, epoch, *args, **kwargs)
+        return real_epoch(model, losses_of, optimizer, loader, run, epoch, *args, **kwargs)
 
     monkeypatch.setattr(training, "_train_one_epoch", killed_at_epoch_2)
     args = tiny_run_args(data_root, out, epochs=2)

@@ -1,17 +1,16 @@
 """The speed paths compute what the plain ones do, up to float rounding: channels_last, batch norms
-folded into convolutions for inference, the memory read as convolutions; and none of them touches
+folded into convolutions for inference (the memory's reads: tests/test_memory_read.py); and none of them touches
 the teacher's weights, what training computes or what a checkpoint holds."""
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from datasets.build import build_datasets
 from engine.model import build_run_model
 from models.feature_extractor import FeatureExtractor
 from models.registry import BACKBONES
-from models.memory import MemoryFusion, NormalityMemory
+from models.memory import MemoryFusion
 from tests.fixtures import make_mvtec_folder
 from models.folding import fold_batchnorms, folded_for_inference, inference_copy
 from utils.device import memory_format, to_device
@@ -33,31 +32,6 @@ def tiny_config(method: str, data_root: Path, out: Path, channels_last: bool) ->
                                   "eval.batch_size=4", "memory.exemplars=2", "train.device=cpu", f"output.dir={out}"])
     config = config.replace({"train.feature_cache": "float32", "train.cache_budget_mb": 4096, "train.channels_last": channels_last})
     return config
-
-
-def reference_read(memory: NormalityMemory, features: torch.Tensor, rows: torch.Tensor):
-    """The read written as matrix products on a [B*H*W, C] view, as the paper states it."""
-    b, c, h, w = features.shape
-    queries = features.permute(0, 2, 3, 1).reshape(-1, c)
-    cosine = F.normalize(queries, dim=1) @ F.normalize(rows, dim=1).t()
-    weights = torch.softmax(cosine / memory.temperature, dim=1)
-    return (weights @ memory.values).reshape(b, h, w, c).permute(0, 3, 1, 2), weights
-
-
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_the_memory_read_is_the_matrix_formula_in_either_layout(channels_last):
-    torch.manual_seed(0)
-    memory = NormalityMemory(channels=16, slots=7, temperature=0.05)
-    features = torch.randn(3, 16, 5, 6)
-    if channels_last:
-        features = features.contiguous(memory_format=torch.channels_last)
-    for read, rows in ((memory.recall, memory.keys), (memory.rebuild, memory.values)):
-        got, weights = read(features)
-        expected, expected_weights = reference_read(memory, features, rows)
-        assert got.shape == features.shape and weights.shape == (3 * 5 * 6, 7)
-        assert torch.allclose(weights, expected_weights, atol=1e-6)
-        assert torch.allclose(got, expected, atol=1e-5)
-        assert got.is_contiguous(memory_format=torch.channels_last) == channels_last
 
 
 def test_fusion_gradients_match_in_both_layouts():

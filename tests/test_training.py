@@ -51,7 +51,7 @@ def test_phase_test_reloads_best_and_reproduces_scores_exactly(data_root, tmp_pa
     trained = json.loads((run_dir / "results.json").read_text())
     best = torch.load(run_dir / "best.pt", weights_only=True)
     assert best["config"]["train.epochs"] == 2 and best["config"]["memory.slots"] == 50  # resolved config inside
-    assert any(k.startswith("memories.0.memory.keys") for k in best["student"])
+    assert any(k.startswith("memories.0.memory.rows") for k in best["student"])
     assert main("st", small_run(data_root, tmp_path, "phase=test")) == 0
     tested = json.loads((run_dir / "results.json").read_text())
     for key in ("image_auroc", "pixel_auroc", "pixel_aupro", "image_f1_max", "normal_threshold"):
