@@ -24,17 +24,18 @@ def test_off_and_cudagraphs_off_cuda_are_the_plain_loss():
 def test_a_compiled_step_trains_as_the_plain_one_including_the_last_partial_batch(tmp_path):
     """train.compile=step on the CPU (TorchInductor's generated kernels): the same losses, epoch by
     epoch, as train.compile=off. 6 training images in batches of 4 end each epoch with a batch of 2,
-    which is compiled for its own shape: nothing is padded or dropped."""
+    which is compiled for its own shape: nothing is padded or dropped. The generated kernels round
+    differently (measured: 5e-7 in the first step's loss); at STPM's lr 0.4 with momentum, SGD
+    amplifies that to 1 % in val_kd after two epochs of these random images, so the comparison
+    runs at a learning rate that leaves rounding as rounding."""
     data_root = make_mvtec_folder(tmp_path / "data", "widget", n_train=8, n_good_test=2, n_defect=2)
     histories = {}
     for mode in ("off", "step"):
         out = tmp_path / mode
-        assert main("st", tiny_run_args(data_root, out, f"train.compile={mode}", epochs=2)) == 0
+        assert main("st", tiny_run_args(data_root, out, f"train.compile={mode}", "train.lr=0.01", epochs=2)) == 0
         histories[mode] = json.loads((out / "memkd-st" / "mvtec" / "widget" / "history.json").read_text())
     plain, compiled = histories["off"], histories["step"]
     assert len(plain) == len(compiled) == 2
-    # The generated kernels round differently (measured: 5e-7 in the first step's loss), and SGD
-    # at the recipe's lr 0.4 amplifies it over the steps (8e-4 in the second epoch's val_kd).
     for plain_epoch, compiled_epoch in zip(plain, compiled):
         for term in ("loss", "kd", "nm", "orth", "val_kd"):
-            assert compiled_epoch[term] == pytest.approx(plain_epoch[term], rel=2e-3), term
+            assert compiled_epoch[term] == pytest.approx(plain_epoch[term], rel=1e-4), term
