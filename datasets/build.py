@@ -9,7 +9,7 @@ official test set and is never used for validation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from datasets.demo import DEMO_CATEGORIES, ensure_demo_dataset
@@ -24,11 +24,16 @@ from utils.errors import UserError
 
 @dataclass
 class DatasetSplits:
-    """The three splits of one category; memory exemplars are drawn from ``train`` only."""
+    """The three splits of one category; memory exemplars are drawn from ``train`` only.
+
+    ``scoring`` names the metrics the benchmark reports (datasets.layouts.Benchmark.scoring);
+    ``unlabelled`` holds its test images without public labels, by split name."""
 
     train: AnomalyDataset
     val: AnomalyDataset
     test: AnomalyDataset
+    scoring: str = "mvtec"
+    unlabelled: dict[str, list[Path]] = field(default_factory=dict)
 
 
 def _check_name(dataset: str) -> None:
@@ -100,7 +105,8 @@ def build_datasets(
 
     train and val are a ``seed``-ed random split of the official train (normal) images, val
     holding round(val_fraction * n) of them (at least 1 when val_fraction > 0 and n >= 2,
-    never all). The test split is the official one. For "demo" the data is generated into
+    never all); a layout that ships a validation folder uses it instead, whole, and keeps every
+    train image (``val_fraction`` is then not read). The test split is the official one. For "demo" the data is generated into
     ``root`` on first use. Missing data is downloaded when ``download`` is set and
     datasets.download offers it; otherwise (and for unreadable files, missing masks, unknown
     categories) a UserError says what is wrong and how to fix it.
@@ -110,10 +116,15 @@ def build_datasets(
         raise UserError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
     root = Path(root).expanduser()
     index = _index(dataset, root, category, int(seed), download)
-    train, val = seeded_split(index.train, float(val_fraction), int(seed))
+    if index.validation is None:
+        train, val = seeded_split(index.train, float(val_fraction), int(seed))
+    else:
+        train, val = index.train, index.validation
     check_files(train + val + index.test)
     return DatasetSplits(
         train=AnomalyDataset(train, image_size),
         val=AnomalyDataset(val, image_size),
         test=AnomalyDataset(index.test, image_size),
+        scoring=BENCHMARKS[dataset].scoring if dataset in BENCHMARKS else "mvtec",
+        unlabelled=index.unlabelled,
     )

@@ -22,3 +22,7 @@ EYECANDIES_CATEGORIES = (
 )
 
 BTAD_CATEGORIES = ("01", "02", "03")
+
+MVTEC_LOCO_CATEGORIES = ("breakfast_box", "juice_bottle", "pushpins", "screw_bag", "splicing_connectors")
+
+MVTEC_AD2_CATEGORIES = ("can", "fabric", "fruit_jelly", "rice", "sheet_metal", "vial", "wallplugs", "walnuts")

@@ -1,14 +1,25 @@
 """The official on-disk layouts of the benchmarks, turned into lists of ``Sample``.
 
-Each indexer reads one category's official train (normal only) and test splits; the
-validation slice is cut from train later by the caller. Layouts (``root`` = data.root):
+Each indexer reads one category's official train (normal only) and test splits, and the
+official validation folder where the layout ships one (MVTec 3D-AD, MVTec LOCO AD, MVTec AD 2);
+otherwise the validation slice is cut from train later by the caller. Layouts (``root`` =
+data.root):
 
 - mvtec, mpdd, demo: ``<cat>/train/good/*``, ``<cat>/test/<good|defect>/*``,
   masks ``<cat>/ground_truth/<defect>/<stem>_mask.png``.
 - btad: ``<01|02|03>/train/ok/*``, ``<cat>/test/<ok|ko>/*``, masks
   ``<cat>/ground_truth/ko/<stem>.<png|bmp>`` (same stem as the image).
-- mvtec3d (RGB only): ``<cat>/train/good/rgb/*.png``, ``<cat>/test/<type>/rgb/*.png``,
-  masks ``<cat>/test/<type>/gt/<same name>``; xyz/ and the validation/ folder are not used.
+- mvtec3d (RGB only): ``<cat>/train/good/rgb/*.png``, ``<cat>/validation/good/rgb/*.png``,
+  ``<cat>/test/<type>/rgb/*.png``, masks ``<cat>/test/<type>/gt/<same name>``; xyz/ is not used.
+- mvtec_loco: ``<cat>/{train,validation}/good/*.png``,
+  ``<cat>/test/{good,logical_anomalies,structural_anomalies}/NNN.png``, masks
+  ``<cat>/ground_truth/<type>/NNN/000.png, 001.png, ...`` (one file per defect, painted with
+  the defect's pixel value) and ``<cat>/defects_config.json`` (each defect's pixel value and
+  saturation rule, read by the sPRO metric: :func:`loco_saturation_rules`).
+- mvtec_ad2: ``<cat>/{train,validation}/good/*.png``, ``<cat>/test_public/{good,bad}/*.png``,
+  masks ``<cat>/test_public/ground_truth/bad/<stem>_mask.png``; the unlabelled
+  ``<cat>/test_private/*.png`` and ``<cat>/test_private_mixed/*.png`` are listed apart (for the
+  submission writer).
 - eyecandies: the Pipelime "underfolder" layout of the official download,
   ``<Cat>/train/data/<id>_image_0.png`` and ``<Cat>/test_public/data/<id>_image_0.png`` with
   ``<id>_mask.png`` and ``<id>_metadata.yaml`` (key ``anomalous``: 0/1). Each item has six
@@ -21,14 +32,15 @@ validation slice is cut from train later by the caller. Layouts (``root`` = data
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import yaml
 
 from datasets.categories import (BTAD_CATEGORIES, EYECANDIES_CATEGORIES, MPDD_CATEGORIES, MVTEC3D_CATEGORIES,
-                                 MVTEC_CATEGORIES, VISA_CATEGORIES)
+                                 MVTEC_AD2_CATEGORIES, MVTEC_CATEGORIES, MVTEC_LOCO_CATEGORIES, VISA_CATEGORIES)
 from datasets.images import IMAGE_EXTENSIONS, list_images
 from datasets.samples import Sample
 from utils.errors import UserError
@@ -38,10 +50,14 @@ EYECANDIES_IMAGE_KEY = "image_0"
 
 @dataclass(frozen=True)
 class CategoryIndex:
-    """A category's official splits: ``train`` holds normal images only."""
+    """A category's official splits: ``train`` holds normal images only; ``validation`` the
+    official validation images (normal), None when the layout ships none; ``unlabelled`` test
+    images without public labels, by split name."""
 
     train: list[Sample]
     test: list[Sample]
+    validation: list[Sample] | None = None
+    unlabelled: dict[str, list[Path]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -54,6 +70,7 @@ class Benchmark:
     hint: str  # what data.root must contain, with {cat} standing for the category
     index: Callable[[Path, str], CategoryIndex]
     required: Callable[[Path, str], Path]  # the path whose absence means "not downloaded"
+    scoring: str = "mvtec"  # which metrics: "mvtec" (at image_size), "loco" or "ad2" (at the masks' own size)
 
 
 def _images_or_error(folder: Path, what: str) -> list[Path]:
@@ -123,10 +140,15 @@ def index_btad(root: Path, category: str) -> CategoryIndex:
     return CategoryIndex(train, _nonempty_test(test, cat / "test"))
 
 
+def _official_validation(folder: Path) -> list[Sample]:
+    return [Sample(p, 0) for p in _images_or_error(folder, "validation")]
+
+
 def index_mvtec3d(root: Path, category: str) -> CategoryIndex:
     """MVTec 3D-AD layout, RGB images only."""
     cat = root / category
     train = [Sample(p, 0) for p in _images_or_error(cat / "train" / "good" / "rgb", "train")]
+    validation = _official_validation(cat / "validation" / "good" / "rgb")
     test: list[Sample] = []
     for defect_dir in subdirs(cat / "test"):
         defect = defect_dir.name
@@ -138,7 +160,7 @@ def index_mvtec3d(root: Path, category: str) -> CategoryIndex:
             if mask is None:
                 raise _missing_mask(img, defect_dir / "gt" / img.name)
             test.append(Sample(img, 1, mask, defect))
-    return CategoryIndex(train, _nonempty_test(test, cat / "test"))
+    return CategoryIndex(train, _nonempty_test(test, cat / "test"), validation)
 
 
 def _eyecandies_images(folder: Path) -> list[Path]:
@@ -219,6 +241,88 @@ def index_visa(root: Path, category: str) -> CategoryIndex:
 
 
 
+LOCO_ANOMALY_TYPES = ("logical_anomalies", "structural_anomalies")
+LOCO_DEFECTS_CONFIG = "defects_config.json"
+
+
+@dataclass(frozen=True)
+class SaturationRule:
+    """How much of one MVTec LOCO AD defect must be covered for full credit (sPRO): at most
+    ``threshold`` pixels, or ``threshold`` x its area (floored) when ``relative``."""
+
+    defect: str
+    threshold: float
+    relative: bool
+
+    def saturation(self, area: int) -> float:
+        """The overlap, in pixels, at which a defect of ``area`` pixels counts as found."""
+        return float(int(self.threshold * area)) if self.relative else float(min(self.threshold, area))
+
+
+def loco_saturation_rules(root: Path, category: str) -> dict[int, SaturationRule]:
+    """The saturation rule of each defect pixel value, from ``<cat>/defects_config.json``."""
+    path = root / category / LOCO_DEFECTS_CONFIG
+    try:
+        entries = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"MVTec LOCO AD {path} is missing: the sPRO metric needs each defect's saturation; "
+                        "re-extract the category") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {path} ({e}); re-extract the category") from None
+    rules: dict[int, SaturationRule] = {}
+    try:
+        for entry in entries:
+            rules[int(entry["pixel_value"])] = SaturationRule(
+                str(entry["defect_name"]), float(entry["saturation_threshold"]), bool(entry["relative_saturation"]))
+    except (TypeError, KeyError, ValueError):
+        raise UserError(f"{path} must be a list of {{defect_name, pixel_value, saturation_threshold, "
+                        "relative_saturation}} entries; re-extract the category") from None
+    return rules
+
+
+def index_mvtec_loco(root: Path, category: str) -> CategoryIndex:
+    """MVTec LOCO AD layout: one mask folder per defective image, one mask file per defect."""
+    cat = root / category
+    loco_saturation_rules(root, category)  # refuse a category without a readable defects_config.json now
+    train = [Sample(p, 0) for p in _images_or_error(cat / "train" / "good", "train")]
+    validation = _official_validation(cat / "validation" / "good")
+    test = [Sample(p, 0) for p in list_images(cat / "test" / "good")]
+    for kind in LOCO_ANOMALY_TYPES:
+        images = list_images(cat / "test" / kind)
+        stems = {img.stem for img in images}
+        gt = cat / "ground_truth" / kind
+        for folder in subdirs(gt):
+            if folder.name not in stems:
+                raise UserError(f"mask folder {folder} has no image {cat / 'test' / kind / folder.name}.png; "
+                                "restore the image from the original archive or remove the folder")
+        for img in images:
+            masks = list_images(gt / img.stem)
+            if not masks:
+                raise _missing_mask(img, gt / img.stem / "000.png")
+            test.append(Sample(img, 1, masks[0], kind, mask_nonzero=True, extra_masks=tuple(masks[1:])))
+    return CategoryIndex(train, _nonempty_test(test, cat / "test"), validation)
+
+
+AD2_UNLABELLED = ("test_private", "test_private_mixed")
+
+
+def index_mvtec_ad2(root: Path, category: str) -> CategoryIndex:
+    """MVTec AD 2 layout: test_public is the labelled test set; the private sets are listed apart."""
+    cat = root / category
+    train = [Sample(p, 0) for p in _images_or_error(cat / "train" / "good", "train")]
+    validation = _official_validation(cat / "validation" / "good")
+    public = cat / "test_public"
+    test = [Sample(p, 0) for p in list_images(public / "good")]
+    gt = public / "ground_truth" / "bad"
+    for img in list_images(public / "bad"):
+        mask = find_with_stem(gt, f"{img.stem}_mask")
+        if mask is None:
+            raise _missing_mask(img, gt / f"{img.stem}_mask.png")
+        test.append(Sample(img, 1, mask, "bad"))
+    unlabelled = {split: list_images(cat / split) for split in AD2_UNLABELLED}
+    return CategoryIndex(train, _nonempty_test(test, public), validation, unlabelled)
+
+
 def _cat_dir(root: Path, category: str) -> Path:
     return root / category
 
@@ -247,6 +351,16 @@ BENCHMARKS: dict[str, Benchmark] = {
     "visa": Benchmark(
         "VisA", "https://github.com/amazon-science/spot-diff", VISA_CATEGORIES,
         "split_csv/1cls.csv and {cat}/Data/", index_visa, lambda root, cat: root / VISA_SPLIT_CSV,
+    ),
+    "mvtec_loco": Benchmark(
+        "MVTec LOCO AD", "https://www.mvtec.com/company/research/datasets/mvtec-loco", MVTEC_LOCO_CATEGORIES,
+        "{cat}/train/good/, {cat}/validation/good/, {cat}/test/, {cat}/ground_truth/ and {cat}/defects_config.json",
+        index_mvtec_loco, _cat_dir, scoring="loco",
+    ),
+    "mvtec_ad2": Benchmark(
+        "MVTec AD 2", "https://www.mvtec.com/company/research/datasets/mvtec-ad-2", MVTEC_AD2_CATEGORIES,
+        "{cat}/train/good/, {cat}/validation/good/ and {cat}/test_public/", index_mvtec_ad2, _cat_dir,
+        scoring="ad2",
     ),
 }
 

@@ -24,6 +24,8 @@ class Sample:
     label: 0 good, 1 defect. mask: the ground-truth file, None for good images and for
     defects without a mask (allowed only in the ``folder`` layout). defect: the defect type
     ("good" for normal images). mask_nonzero: binarise the mask with > 0 instead of > 127.
+    extra_masks: further mask files of the same image, one per defect (MVTec LOCO AD); the
+    ground truth is the union of ``mask`` and these.
     """
 
     image: Path
@@ -31,6 +33,12 @@ class Sample:
     mask: Path | None = None
     defect: str = "good"
     mask_nonzero: bool = False
+    extra_masks: tuple[Path, ...] = ()
+
+    @property
+    def masks(self) -> tuple[Path, ...]:
+        """Every mask file of the image (empty for a good image)."""
+        return () if self.mask is None else (self.mask, *self.extra_masks)
 
     @property
     def has_mask(self) -> bool:
@@ -70,6 +78,8 @@ class AnomalyDataset(Dataset):
             mask = None
             if s.label == 1 and s.mask is not None:
                 mask = load_mask(s.mask, self.image_size, nonzero=s.mask_nonzero)
+                for extra in s.extra_masks:
+                    mask |= load_mask(extra, self.image_size, nonzero=s.mask_nonzero)
             cached = self._cache[index] = (rgb, mask)
         return cached
 
@@ -101,8 +111,8 @@ def check_files(samples: Sequence[Sample]) -> None:
     or an image smaller than MIN_IMAGE_SIDE on a side."""
     for s in samples:
         check_image_header(s.image, MIN_IMAGE_SIDE)
-        if s.mask is not None:
-            check_image_header(s.mask)
+        for mask in s.masks:
+            check_image_header(mask)
 
 
 def n_held_out(n: int, fraction: float) -> int:

@@ -114,6 +114,68 @@ def make_mvtec3d_folder(
     return root
 
 
+LOCO_DEFECTS = [  # both saturation kinds, as the official defects_config.json files mix them
+    {"defect_name": "missing_part", "pixel_value": 255, "saturation_threshold": 1.0, "relative_saturation": True},
+    {"defect_name": "extra_part", "pixel_value": 254, "saturation_threshold": 60, "relative_saturation": False},
+    {"defect_name": "scratch", "pixel_value": 253, "saturation_threshold": 0.5, "relative_saturation": True},
+]
+
+
+def make_mvtec_loco_folder(root: str | Path, category: str = "juice_bottle", n_train: int = 6, n_good_test: int = 2,
+                           n_defect: int = 2, size: tuple[int, int] = (40, 56)) -> Path:
+    """Write a tiny MVTec-LOCO-AD-layout category of non-square images: validation/good,
+    logical and structural anomalies, one mask folder per defective image holding one mask file
+    per defect (the first image of each type has two), painted with the defect's pixel value,
+    and a defects_config.json with both saturation kinds; return root."""
+    import json
+
+    root = Path(root)
+    rng = np.random.default_rng(5)
+    cat = root / category
+    for i in range(n_train):
+        save(texture(rng, size), cat / "train" / "good" / f"{i:03d}.png")
+    for i in range(2):
+        save(texture(rng, size), cat / "validation" / "good" / f"{i:03d}.png")
+    for i in range(n_good_test):
+        save(texture(rng, size), cat / "test" / "good" / f"{i:03d}.png")
+    for kind, values in (("logical_anomalies", (255, 254)), ("structural_anomalies", (253, 254))):
+        for i in range(n_defect):
+            img = texture(rng, size)
+            for j, value in enumerate(values[: 2 if i == 0 else 1]):
+                box = defect_box(rng, size)
+                img[box] = 255
+                mask = np.zeros(size, np.uint8)
+                mask[box] = value
+                save(mask, cat / "ground_truth" / kind / f"{i:03d}" / f"{j:03d}.png")
+            save(img, cat / "test" / kind / f"{i:03d}.png")
+    (cat / "defects_config.json").write_text(json.dumps(LOCO_DEFECTS))
+    return root
+
+
+def make_mvtec_ad2_folder(root: str | Path, category: str = "vial", n_train: int = 6, n_good_test: int = 2,
+                          n_defect: int = 2, size: tuple[int, int] = (44, 60), n_private: int = 2) -> Path:
+    """Write a tiny MVTec-AD-2-layout category of non-square images: validation/good,
+    test_public/{good,bad} with <stem>_mask.png masks, and the unlabelled test_private and
+    test_private_mixed (whose images differ in size, as the real ones may); return root."""
+    root = Path(root)
+    rng = np.random.default_rng(6)
+    cat = root / category
+    for i in range(n_train):
+        save(texture(rng, size), cat / "train" / "good" / f"{i:03d}_regular.png")
+    for i in range(2):
+        save(texture(rng, size), cat / "validation" / "good" / f"{i:03d}_regular.png")
+    for i in range(n_good_test):
+        save(texture(rng, size), cat / "test_public" / "good" / f"{i:03d}_regular.png")
+    for i in range(n_defect):
+        img, mask = defective(rng, size)
+        save(img, cat / "test_public" / "bad" / f"{i:03d}_regular.png")
+        save(mask, cat / "test_public" / "ground_truth" / "bad" / f"{i:03d}_regular_mask.png")
+    for split in ("test_private", "test_private_mixed"):
+        for i in range(n_private):
+            save(texture(rng, (size[0] + 4 * i, size[1])), cat / split / f"{i:03d}_regular.png")
+    return root
+
+
 def make_eyecandies_folder(
     root: str | Path, category: str = "CandyCane", n_train: int = 6, n_good_test: int = 2, n_defect: int = 2, size: int = 48
 ) -> Path:

@@ -157,12 +157,13 @@ def test_btad(tmp_path, image_ext, mask_ext):
         assert sample.mask.suffix == mask_ext and sample.mask.stem == sample.image.stem
 
 
-def test_mvtec3d_uses_rgb_only_and_ignores_validation(tmp_path):
+def test_mvtec3d_uses_rgb_only_and_its_official_validation_folder(tmp_path):
     root = make_mvtec3d_folder(tmp_path)
     s = build_datasets("mvtec3d", root, "bagel", 24, 0.2, seed=0)
-    assert (len(s.train), len(s.val), len(s.test)) == (5, 1, 4)
+    assert (len(s.train), len(s.val), len(s.test)) == (6, 2, 4)  # nothing is cut from train
     paths = [it["path"] for ds in (s.train, s.val, s.test) for it in all_items(ds)]
-    assert all("/rgb/" in p and "/validation/" not in p for p in paths)
+    assert all("/rgb/" in p for p in paths)
+    assert all("/validation/good/" in it["path"] for it in all_items(s.val))
     test = all_items(s.test)
     assert sorted(it["label"] for it in test) == [0, 0, 1, 1]
     for it in test:
@@ -311,7 +312,8 @@ def test_dataloader_workers_give_identical_batches(mvtec_root):
 
 
 def test_list_categories():
-    counts = {"mvtec": 15, "visa": 12, "mpdd": 6, "mvtec3d": 10, "eyecandies": 10, "btad": 3, "demo": 3}
+    counts = {"mvtec": 15, "visa": 12, "mpdd": 6, "mvtec3d": 10, "eyecandies": 10, "btad": 3, "mvtec_loco": 5, "mvtec_ad2": 8,
+              "demo": 3}
     for name, n in counts.items():
         assert len(list_categories(name, "/nonexistent")) == n
     assert "bottle" in list_categories("mvtec", "x") and "pipe_fryum" in list_categories("visa", "x")
