@@ -518,3 +518,122 @@ def evaluate_all(
         )
 
     return {key: float(results[key]) for key in METRIC_KEYS}
+
+
+# ------------------------------------------------------- curves at the masks' own resolution
+#
+# MVTec LOCO AD and MVTec AD 2 are scored at the resolution of their ground truth: a LOCO category
+# is about half a billion pixel scores, too many to sort at once. These curves stream images
+# through a fixed, sorted set of thresholds instead, keeping per threshold only counts: memory
+# grows with thresholds x defect regions, never with pixels. At every threshold the counts are
+# exact; between thresholds the curve is linear, so the area depends on how densely the thresholds
+# cover the part of the curve that is integrated (:func:`curve_thresholds`; tests/test_metrics.py
+# holds the areas within 1e-3 of the curve through every distinct score).
+
+
+def curve_thresholds(sample_scores: ArrayLike, normal: ArrayLike, fpr_limit: float = 0.3,
+                     dense: int = 8000, coarse: int = 2000) -> np.ndarray:
+    """Sorted thresholds for :class:`OverlapCurve`, from a sample of the scores (e.g. the anomaly
+    maps at the network's resolution) and which of them are normal: ``dense`` normal-score
+    quantiles at false-positive rates evenly spread over [0, ``fpr_limit``] (where the areas are
+    taken), ``coarse`` quantiles over the rest, and ``coarse`` points evenly spaced from the lowest
+    to the highest score."""
+    scores = _as_scores(sample_scores)
+    negatives = scores[_as_binary(normal, "normal").ravel()]
+    if negatives.size == 0 or not np.isfinite(scores).all():
+        raise ValueError("curve_thresholds needs finite scores and at least one normal score")
+    rates = np.concatenate((np.linspace(0.0, fpr_limit, dense), np.linspace(fpr_limit, 1.0, coarse)))
+    quantiles = np.quantile(negatives.astype(np.float64), 1.0 - rates)
+    spread = np.linspace(float(scores.min()), float(scores.max()), coarse)
+    return np.unique(np.concatenate((quantiles, spread)))
+
+
+class OverlapCurve:
+    """Per-region overlap against false-positive rate, streamed image by image over fixed
+    ``thresholds`` (sorted ascending; a pixel is positive when its score exceeds the threshold).
+
+    Each region counts as found in proportion min(1, overlap / saturation): with saturation = the
+    region's area this is PRO (regions: connected components of the masks), with MVTec LOCO AD's
+    per-defect saturation it is sPRO (regions: the mask files). The false-positive rate is over
+    every pixel outside the masks of the images added. Pixel AUROC and F1 come from the same counts
+    (positive pixels: inside any mask).
+    """
+
+    def __init__(self, thresholds: ArrayLike):
+        self.thresholds = np.asarray(thresholds, dtype=np.float64)
+        if self.thresholds.ndim != 1 or self.thresholds.size == 0 or np.any(np.diff(self.thresholds) <= 0):
+            raise ValueError("thresholds must be a non-empty, strictly increasing 1-D array")
+        bins = self.thresholds.size + 1
+        self._normal = np.zeros(bins, dtype=np.int64)  # pixels per bin (t[i-1], t[i]]
+        self._anomalous = np.zeros(bins, dtype=np.int64)
+        self._found: list[np.ndarray] = []  # per region: pixels above each threshold / saturation
+
+    def _bins(self, scores: np.ndarray) -> np.ndarray:
+        # Bin i holds t[i-1] < s <= t[i]: a score exceeds threshold t[j] exactly when its bin is > j.
+        return np.searchsorted(self.thresholds, scores, side="left")
+
+    def add(self, scores: ArrayLike, anomalous: ArrayLike, regions: Sequence[tuple[ArrayLike, float]] = ()) -> None:
+        """One image: its ``scores`` (any shape), ``anomalous`` (bool, same shape: inside any
+        mask) and its ``regions``, each (bool mask of the same shape, saturation in pixels > 0)."""
+        flat = _as_scores(scores)
+        inside = _as_binary(anomalous, "anomalous").ravel()
+        if inside.size != flat.size:
+            raise ValueError(f"anomalous has {inside.size} pixels for {flat.size} scores")
+        if not np.isfinite(flat).all():
+            raise ValueError("scores contain NaN or infinity")
+        bins = self._bins(flat)
+        size = self.thresholds.size + 1
+        self._normal += np.bincount(bins[~inside], minlength=size)
+        self._anomalous += np.bincount(bins[inside], minlength=size)
+        for region, saturation in regions:
+            pixels = _as_binary(region, "region").ravel()
+            if pixels.size != flat.size:
+                raise ValueError(f"a region has {pixels.size} pixels for {flat.size} scores")
+            if not saturation > 0:
+                raise ValueError(f"a region's saturation must be > 0, not {saturation}")
+            counts = np.bincount(bins[pixels], minlength=size)
+            above = np.cumsum(counts[::-1])[::-1][1:]  # above[j]: pixels with score > t[j]
+            self._found.append(np.minimum(above / float(saturation), 1.0))
+
+    @property
+    def regions(self) -> int:
+        return len(self._found)
+
+    def _rates(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(fpr, mean overlap, tpr) at every threshold, and at +inf first (all 0)."""
+        normal_above = np.cumsum(self._normal[::-1])[::-1][1:]
+        anomalous_above = np.cumsum(self._anomalous[::-1])[::-1][1:]
+        n_normal, n_anomalous = int(self._normal.sum()), int(self._anomalous.sum())
+        fpr = normal_above / max(n_normal, 1)
+        tpr = anomalous_above / max(n_anomalous, 1)
+        overlap = np.mean(self._found, axis=0) if self._found else np.zeros_like(fpr)
+        # Thresholds descending: rates ascending from the point where nothing is positive.
+        return (np.concatenate(([0.0], fpr[::-1])), np.concatenate(([0.0], overlap[::-1])),
+                np.concatenate(([0.0], tpr[::-1])))
+
+    def area(self, fpr_limit: float) -> float:
+        """Area under mean overlap against FPR over [0, fpr_limit], divided by fpr_limit (the curve
+        is cut at the limit by linear interpolation); nan without regions or normal pixels."""
+        _check_fpr_limit(fpr_limit)
+        if not self._found or self._normal.sum() == 0:
+            return _NAN
+        fpr, overlap, _ = self._rates()
+        fpr, overlap = np.append(fpr, 1.0), np.append(overlap, overlap[-1])  # the lowest threshold may keep a few normal pixels out
+        return _area_up_to(fpr, overlap, fpr_limit) / fpr_limit
+
+    def auroc(self) -> float:
+        """Pixel AUROC over the thresholds; nan without both kinds of pixels."""
+        if self._normal.sum() == 0 or self._anomalous.sum() == 0:
+            return _NAN
+        fpr, _, tpr = self._rates()
+        return float(np.trapezoid(np.append(tpr, 1.0), np.append(fpr, 1.0)))
+
+    def f1_at(self, threshold: float) -> float:
+        """Pixel F1 when a pixel is positive with score > ``threshold`` (a threshold of the curve)."""
+        index = int(np.searchsorted(self.thresholds, threshold))
+        if index == self.thresholds.size or self.thresholds[index] != threshold:
+            raise ValueError(f"{threshold} is not one of the curve's thresholds")
+        tp = int(self._anomalous[index + 1:].sum())
+        fp = int(self._normal[index + 1:].sum())
+        fn = int(self._anomalous.sum()) - tp
+        return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else _NAN
