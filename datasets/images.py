@@ -199,3 +199,22 @@ def load_mask(path: str | Path, image_size: int, nonzero: bool = False) -> np.nd
     binary = Image.fromarray(fg.astype(np.uint8) * 255, mode="L")
     resized = binary.resize((image_size, image_size), Image.Resampling.NEAREST)
     return (np.asarray(resized) > 127).astype(np.uint8)
+
+
+def image_size_of(path: str | Path) -> tuple[int, int]:
+    """``(height, width)`` of an image file, from its header (nothing decoded)."""
+    width, height = _read(path, decode=False).size
+    return height, width
+
+
+def load_mask_values(path: str | Path) -> np.ndarray:
+    """A mask at its own resolution as an H x W array of its grey values (uint8 for 8-bit masks,
+    the raw values for 1-, 16- and 32-bit ones), nothing binarised: MVTec LOCO AD paints each
+    defect with its own value."""
+    img = _read(path, decode=True)
+    if img.mode == "1" or img.mode in _WIDE_MODES:
+        return np.asarray(img)
+    try:
+        return np.asarray(img.convert("L"))
+    except ValueError as exc:
+        raise UserError(f"cannot read mask {path} (mode {img.mode}: {exc}); save it as an 8-bit PNG") from None

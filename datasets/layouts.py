@@ -255,8 +255,10 @@ class SaturationRule:
     relative: bool
 
     def saturation(self, area: int) -> float:
-        """The overlap, in pixels, at which a defect of ``area`` pixels counts as found."""
-        return float(int(self.threshold * area)) if self.relative else float(min(self.threshold, area))
+        """The overlap, in pixels, at which a defect of ``area`` pixels counts as found (at least
+        one pixel: a tiny relative share would otherwise round down to nothing)."""
+        pixels = float(int(self.threshold * area)) if self.relative else float(min(self.threshold, area))
+        return max(pixels, 1.0)
 
 
 def loco_saturation_rules(root: Path, category: str) -> dict[int, SaturationRule]:

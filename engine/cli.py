@@ -82,7 +82,7 @@ def _run(method: str, args: list[str]) -> None:
     settings = load_config(method, args)
     # Imported here so that `--help` and config errors answer at once, before torch loads.
     from engine.records import SUMMARY_FILE, method_directory
-    from engine.report import format_table, mean_row, write_summary
+    from engine.report import columns_for, format_table, mean_row, write_summary
     from utils.io import write_json
 
     sweep = settings.data.category == "all"
@@ -90,15 +90,16 @@ def _run(method: str, args: list[str]) -> None:
     if results is None:  # another rank of a torchrun world: rank 0 reports
         return None
     name, data = settings.method_name, settings.data
+    columns = columns_for(data.dataset)
     print()
     print(format_table(f"{name} on {data.dataset} ({settings.model.backbone}, {data.image_size} px)", results,
-                       with_mean=sweep))
+                       with_mean=sweep, columns=columns))
     report, _ = write_summary(settings.output.dir)  # every method and dataset under output.dir, with this run
     print(f"report: {report} (and summary.csv)")
     if sweep:
         summary = method_directory(settings) / SUMMARY_FILE
         write_json(summary, {"method": name, "dataset": data.dataset, "categories": results,
-                             "mean": mean_row(results)})
+                             "mean": mean_row(results, columns)})
         print(f"summary: {summary}")
     else:
         print(f"results: {results[0]['results_path']}")

@@ -127,7 +127,7 @@ class DataSection:
     val_fraction: float = setting(float, "share of the TRAIN normal images held out for model selection",
                                   lambda v: 0 <= v < 1, "in [0, 1)")
     download: bool = setting(bool, "download the dataset into data.root when it is missing "
-                                   "(MVTec AD, VisA, BTAD, MVTec 3D-AD)", scope="run")
+                                   "(MVTec AD, VisA, BTAD, MVTec 3D-AD, MVTec LOCO AD, MVTec AD 2)", scope="run")
     num_workers: int = setting(int, "DataLoader worker processes", *_between(0, 256), scope="run")
 
 
@@ -228,6 +228,19 @@ class EvalSection:
                            lambda v: 0 <= v <= 32, "from 0 to 32", scope="eval")
     max_pictures: int = setting(int, "rows of examples.png (best and worst test cases) in each run folder, drawn "
                                      "with roc.png; 0 draws no pictures", _non_negative, ">= 0", scope="run")
+    save_maps: bool = setting(bool, "write each test image's anomaly map, exactly the one the metrics were computed "
+                                    "from, as a float32 TIFF: maps/<defect type>/<image name>.tiff in the run folder",
+                              scope="eval")
+    seg_threshold_sigmas: float = setting(float, "MVTec AD 2 (read only with data.dataset=mvtec_ad2): the segmentation threshold (pixel_segf1, the "
+                                                 "submission's binary maps) is the mean plus this many standard "
+                                                 "deviations of the validation images' pixel scores",
+                                          lambda v: 0 <= v <= 100, "from 0 to 100", scope="eval",
+                                          read_when=("data.dataset", "mvtec_ad2"))
+    submission: str | None = setting(str, "MVTec AD 2 (read only with data.dataset=mvtec_ad2): write the evaluation server's submission for test_private "
+                                          "and test_private_mixed into this folder (anomaly_images/: float16 "
+                                          "TIFFs; anomaly_images_thresholded/: 0/255 PNGs); null: none",
+                                     lambda v: bool(v.strip()), "a folder path, not empty", nullable=True,
+                                     scope="eval", read_when=("data.dataset", "mvtec_ad2"), path=True)
 
 
 @dataclass(frozen=True)
@@ -320,7 +333,7 @@ class RunSettings:
                 given = None if flat.get(key) is None else check_value(key, flat[key])  # a typo is refused anyway
                 if values[other] != wanted:
                     values[key] = None  # not read by this run, so not part of it
-                elif given is None:
+                elif given is None and not spec.nullable:
                     raise UserError(f"{other}={wanted} reads config key '{key}', which has no value; give it, "
                                     f"e.g. {key}={_EXAMPLES[key]}")
                 else:

@@ -91,7 +91,7 @@ def data_digests(splits: DatasetSplits, root: str, files: FileDigests) -> DataDi
         total = hashlib.sha256()
         for split, dataset in parts.items():
             for sample in dataset.samples:
-                mask = (f"{name(sample.mask)}={files.sha256(sample.mask)}:{int(sample.mask_nonzero)}"
+                mask = (",".join(f"{name(m)}={files.sha256(m)}" for m in sample.masks) + f":{int(sample.mask_nonzero)}"
                         if sample.mask is not None else "-")
                 total.update(f"{split}|{name(sample.image)}={files.sha256(sample.image)}|{sample.label}|"
                              f"{sample.defect}|{mask}\n".encode())

@@ -8,12 +8,26 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from datasets.layouts import BENCHMARKS
 from utils.io import write_text
 from utils.metrics import is_finite_number, metric_columns
 
 # (results.json key, column header); values are fractions, printed as percentages like the papers.
 COLUMNS: tuple[tuple[str, str], ...] = metric_columns(
     ("image_auroc", "pixel_auroc", "pixel_aupro", "image_f1_max", "pixel_f1_max", "image_ap"))
+# The benchmarks scored by their own metrics (datasets.layouts.Benchmark.scoring) print those.
+SCORING_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
+    "mvtec": COLUMNS,
+    "loco": metric_columns(("image_auroc", "image_auroc_logical", "image_auroc_structural", "pixel_auroc",
+                            "pixel_spro_05", "pixel_spro_05_logical", "pixel_spro_05_structural", "pixel_spro_30")),
+    "ad2": metric_columns(("image_auroc", "pixel_auroc", "pixel_aupro_05", "pixel_segf1")),
+}
+
+
+def columns_for(dataset: str) -> tuple[tuple[str, str], ...]:
+    """The table columns of ``dataset``: its benchmark's own metrics, or the MVTec AD set."""
+    benchmark = BENCHMARKS.get(dataset)
+    return SCORING_COLUMNS[benchmark.scoring if benchmark else "mvtec"]
 
 
 def mean_row(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str]] = COLUMNS) -> dict[str, Any]:
@@ -32,16 +46,17 @@ def _cell(value: Any) -> str:
     return f"{100 * value:.1f}"
 
 
-def format_table(title: str, rows: Sequence[dict[str, Any]], with_mean: bool) -> str:
+def format_table(title: str, rows: Sequence[dict[str, Any]], with_mean: bool,
+                 columns: Sequence[tuple[str, str]] = COLUMNS) -> str:
     """A fixed-width table: one row per category (and a mean row), metrics in percent."""
-    body = list(rows) + ([mean_row(rows)] if with_mean else [])
+    body = list(rows) + ([mean_row(rows, columns)] if with_mean else [])
     width = max([len("category")] + [len(str(r["category"])) for r in body])
-    header = f"{'category':<{width}}  " + "  ".join(f"{h:>8}" for _, h in COLUMNS)
+    header = f"{'category':<{width}}  " + "  ".join(f"{h:>8}" for _, h in columns)
     lines = [title, header, "-" * len(header)]
     for row in body:
         if row["category"] == "mean":
             lines.append("-" * len(header))
-        lines.append(f"{row['category']:<{width}}  " + "  ".join(f"{_cell(row.get(k)):>8}" for k, _ in COLUMNS))
+        lines.append(f"{row['category']:<{width}}  " + "  ".join(f"{_cell(row.get(k)):>8}" for k, _ in columns))
     return "\n".join(lines)
 
 
@@ -55,7 +70,8 @@ PAPER_MEANS: dict[str, dict[str, float]] = {
     "STPM": {"image_auroc": 0.955, "pixel_auroc": 0.970},   # Wang et al., BMVC 2021
 }
 METHOD_ORDER = ("MemKD-ST", "STPM", "MemKD-RD", "RD4AD")
-SUMMARY_FIELDS: tuple[str, ...] = ("dataset", "method", "source", "category", *(key for key, _ in COLUMNS))
+SUMMARY_FIELDS: tuple[str, ...] = ("dataset", "method", "source", "category",
+                                   *dict.fromkeys(key for columns in SCORING_COLUMNS.values() for key, _ in columns))
 
 
 def collect_results(output_dir: Path) -> tuple[dict[str, dict[str, list[dict[str, Any]]]], list[Path]]:
@@ -88,10 +104,11 @@ def summary_rows(collected: dict[str, dict[str, list[dict[str, Any]]]]) -> list[
     for MVTec AD, the papers' means as rows with source "paper"."""
     rows: list[dict[str, Any]] = []
     for dataset, methods in collected.items():
+        columns = columns_for(dataset)
         for method, results in methods.items():
-            for row in [*results, mean_row(results)]:
+            for row in [*results, mean_row(results, columns)]:
                 rows.append({"dataset": dataset, "method": method, "source": "ours", "category": row["category"],
-                             **{key: row.get(key) for key, _ in COLUMNS}})
+                             **{key: row.get(key) for key, _ in columns}})
         if dataset == PAPER_DATASET:
             for method, means in PAPER_MEANS.items():
                 rows.append({"dataset": dataset, "method": method, "source": "paper", "category": "mean",
@@ -114,12 +131,13 @@ def format_summary_csv(rows: Sequence[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
-def _markdown_table(first: Sequence[str], rows: Sequence[tuple[Sequence[str], dict[str, Any]]]) -> list[str]:
-    """A markdown table: the ``first`` label columns, then one column per COLUMNS entry in percent."""
-    lines = ["| " + " | ".join([*first, *(header for _, header in COLUMNS)]) + " |",
-             "|" + "---|" * len(first) + "---:|" * len(COLUMNS)]
+def _markdown_table(first: Sequence[str], rows: Sequence[tuple[Sequence[str], dict[str, Any]]],
+                    columns: Sequence[tuple[str, str]]) -> list[str]:
+    """A markdown table: the ``first`` label columns, then one column per ``columns`` entry in percent."""
+    lines = ["| " + " | ".join([*first, *(header for _, header in columns)]) + " |",
+             "|" + "---|" * len(first) + "---:|" * len(columns)]
     for labels, row in rows:
-        lines.append("| " + " | ".join([*labels, *(_cell(row.get(key)) for key, _ in COLUMNS)]) + " |")
+        lines.append("| " + " | ".join([*labels, *(_cell(row.get(key)) for key, _ in columns)]) + " |")
     return lines
 
 
@@ -139,15 +157,16 @@ def format_summary_markdown(collected: dict[str, dict[str, list[dict[str, Any]]]
     if not collected:
         lines.append("No finished runs yet.")
     for dataset, methods in collected.items():
+        columns = columns_for(dataset)
         lines += [f"## {dataset}", ""]
         for method, results in methods.items():
             lines += [f"### {method} ({_setting(results)})", ""]
-            body = [((r["category"],), r) for r in results] + [(("**mean**",), mean_row(results))]
-            lines += _markdown_table(("category",), body) + [""]
-        means = [((method, "ours"), mean_row(results)) for method, results in methods.items()]
+            body = [((r["category"],), r) for r in results] + [(("**mean**",), mean_row(results, columns))]
+            lines += _markdown_table(("category",), body, columns) + [""]
+        means = [((method, "ours"), mean_row(results, columns)) for method, results in methods.items()]
         if dataset == PAPER_DATASET:
             means += [((method, "paper"), dict(values)) for method, values in PAPER_MEANS.items()]
-        lines += ["### Means", ""] + _markdown_table(("method", "source"), means) + [""]
+        lines += ["### Means", ""] + _markdown_table(("method", "source"), means, columns) + [""]
     if unreadable:
         lines += ["Skipped (unreadable results.json): " + ", ".join(str(p) for p in unreadable), ""]
     return "\n".join(lines)

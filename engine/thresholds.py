@@ -13,6 +13,9 @@ anomalous). ``best.pt`` and ``evaluation.json`` together are all ``predict.py`` 
 * ``pixel_f1_threshold``: the same at pixel level; predicted masks are drawn with it.
 * ``map_low``: the lowest anomaly-map value on the test set, the bottom of the heatmap colour
   scale, so that heatmaps of new images are coloured like those of the test set.
+* ``seg_threshold`` (MVTec AD 2 only, else None): the pixel threshold of ``pixel_segf1`` and of
+  the submission's binary maps, the validation images' pixel mean plus
+  ``eval.seg_threshold_sigmas`` standard deviations; the rule is in the record's scoring settings.
 """
 from __future__ import annotations
 
@@ -27,7 +30,8 @@ from utils.io import write_json
 if TYPE_CHECKING:
     import torch
 
-THRESHOLD_KEYS: tuple[str, ...] = ("normal_threshold", "image_f1_threshold", "pixel_f1_threshold", "map_low")
+THRESHOLD_KEYS: tuple[str, ...] = ("normal_threshold", "image_f1_threshold", "pixel_f1_threshold", "map_low",
+                                   "seg_threshold")
 # predict.py's threshold=... choices and the key each one reads.
 IMAGE_THRESHOLD_CHOICES: dict[str, str] = {"normal": "normal_threshold", "f1": "image_f1_threshold"}
 

@@ -168,6 +168,8 @@ def test_editing_any_value_in_config_yaml_changes_the_run(method, tmp_path):
         node[path[-1]] = new = _other(key, node[path[-1]])
         if key == "train.optimizer":  # the other optimiser reads its own key, which this recipe lacks
             node.update({"sgd": {"momentum": 0.9}, "adam": {"betas": [0.9, 0.999]}}[new])
+        if SCHEMA[key].read_when and SCHEMA[key].read_when[0] == "data.dataset":  # read for one dataset only
+            edited["data"]["dataset"] = SCHEMA[key].read_when[1]
         copy = tmp_path / "config.yaml"
         copy.write_text(yaml.safe_dump(edited))
         resolved = load_config(method, base=copy)

@@ -53,6 +53,14 @@ METRIC_NAMES: dict[str, tuple[str, str]] = {
     "image_auroc": ("I-AUROC", "image AUROC"), "pixel_auroc": ("P-AUROC", "pixel AUROC"),
     "pixel_aupro": ("AUPRO", "AUPRO"), "image_f1_max": ("I-F1max", "image F1-max"),
     "pixel_f1_max": ("P-F1max", "pixel F1-max"), "image_ap": ("I-AP", "image AP"), "pixel_ap": ("P-AP", "pixel AP"),
+    # MVTec LOCO AD and MVTec AD 2 (engine/benchmark_metrics.py)
+    "image_auroc_logical": ("I-log", "image AUROC, logical anomalies"),
+    "image_auroc_structural": ("I-str", "image AUROC, structural anomalies"),
+    "pixel_spro_05": ("sPRO5", "AU-sPRO up to FPR 0.05"),
+    "pixel_spro_05_logical": ("sPRO5log", "AU-sPRO up to FPR 0.05, logical anomalies"),
+    "pixel_spro_05_structural": ("sPRO5str", "AU-sPRO up to FPR 0.05, structural anomalies"),
+    "pixel_spro_30": ("sPRO30", "AU-sPRO up to FPR 0.3"),
+    "pixel_aupro_05": ("AUPRO5", "AU-PRO up to FPR 0.05"), "pixel_segf1": ("SegF1", "pixel F1 at the segmentation threshold"),
 }
 
 
@@ -564,31 +572,41 @@ class OverlapCurve:
         if self.thresholds.ndim != 1 or self.thresholds.size == 0 or np.any(np.diff(self.thresholds) <= 0):
             raise ValueError("thresholds must be a non-empty, strictly increasing 1-D array")
         bins = self.thresholds.size + 1
+        self._boundaries = torch.from_numpy(self.thresholds)
         self._normal = np.zeros(bins, dtype=np.int64)  # pixels per bin (t[i-1], t[i]]
         self._anomalous = np.zeros(bins, dtype=np.int64)
         self._found: list[np.ndarray] = []  # per region: pixels above each threshold / saturation
 
-    def _bins(self, scores: np.ndarray) -> np.ndarray:
-        # Bin i holds t[i-1] < s <= t[i]: a score exceeds threshold t[j] exactly when its bin is > j.
-        return np.searchsorted(self.thresholds, scores, side="left")
+    def bins(self, scores: ArrayLike) -> np.ndarray:
+        """Each score's bin: bin i holds t[i-1] < s <= t[i], so a score exceeds threshold t[j]
+        exactly when its bin is > j. Curves with the same thresholds can share one call
+        (:meth:`add_bins`): it is the costly part of adding an image."""
+        flat = _as_scores(scores)
+        if not np.isfinite(flat).all():
+            raise ValueError("scores contain NaN or infinity")
+        # np.searchsorted(thresholds, flat, side="left"), in float64 as it compares; torch's runs
+        # on every thread (2x faster on two cores for a 1600 x 1100 map).
+        return torch.bucketize(torch.from_numpy(flat).double(), self._boundaries).numpy()
 
     def add(self, scores: ArrayLike, anomalous: ArrayLike, regions: Sequence[tuple[ArrayLike, float]] = ()) -> None:
         """One image: its ``scores`` (any shape), ``anomalous`` (bool, same shape: inside any
         mask) and its ``regions``, each (bool mask of the same shape, saturation in pixels > 0)."""
-        flat = _as_scores(scores)
+        self.add_bins(self.bins(scores), anomalous, regions)
+
+    def add_bins(self, bins: np.ndarray, anomalous: ArrayLike,
+                 regions: Sequence[tuple[ArrayLike, float]] = ()) -> None:
+        """:meth:`add` for an image whose scores were already binned by :meth:`bins` (of a curve
+        with the same thresholds)."""
         inside = _as_binary(anomalous, "anomalous").ravel()
-        if inside.size != flat.size:
-            raise ValueError(f"anomalous has {inside.size} pixels for {flat.size} scores")
-        if not np.isfinite(flat).all():
-            raise ValueError("scores contain NaN or infinity")
-        bins = self._bins(flat)
+        if inside.size != bins.size:
+            raise ValueError(f"anomalous has {inside.size} pixels for {bins.size} scores")
         size = self.thresholds.size + 1
         self._normal += np.bincount(bins[~inside], minlength=size)
         self._anomalous += np.bincount(bins[inside], minlength=size)
         for region, saturation in regions:
             pixels = _as_binary(region, "region").ravel()
-            if pixels.size != flat.size:
-                raise ValueError(f"a region has {pixels.size} pixels for {flat.size} scores")
+            if pixels.size != bins.size:
+                raise ValueError(f"a region has {pixels.size} pixels for {bins.size} scores")
             if not saturation > 0:
                 raise ValueError(f"a region's saturation must be > 0, not {saturation}")
             counts = np.bincount(bins[pixels], minlength=size)
