@@ -4,7 +4,7 @@
 dataset in the layout the loaders read (see ``datasets/layouts.py``), downloading,
 verifying and safely extracting the official archive when it is missing.
 
-Direct archives (``DOWNLOADS``): MVTec AD, VisA, BTAD and MVTec 3D-AD. The URLs and
+Direct archives (``DOWNLOADS``): MVTec AD, VisA, BTAD, MVTec 3D-AD, MVTec LOCO AD and MVTec AD 2. The URLs and
 checksums are the ones anomalib ships in its datamodules (openvinotoolkit/anomalib,
 ``src/anomalib/data/datamodules/{image,depth}/*.py``, ``DownloadInfo``); MVTec 3D-AD only
 has a public md5. MPDD and Eyecandies are published as cloud-drive folders (OneDrive,
@@ -47,7 +47,8 @@ from urllib.request import Request, urlopen
 
 from tqdm import tqdm
 
-from datasets.categories import BTAD_CATEGORIES, MVTEC3D_CATEGORIES, MVTEC_CATEGORIES, VISA_CATEGORIES
+from datasets.categories import (BTAD_CATEGORIES, MVTEC3D_CATEGORIES, MVTEC_AD2_CATEGORIES, MVTEC_CATEGORIES,
+                                 MVTEC_LOCO_CATEGORIES, VISA_CATEGORIES)
 from utils.errors import UserError
 from utils.locks import FileLock
 
@@ -146,6 +147,32 @@ DOWNLOADS: dict[str, DownloadInfo] = {
             "which anomalib <= 0.7 verified with hashlib.md5"
         ),
     ),
+    "mvtec_loco": DownloadInfo(
+        name="MVTec LOCO AD",
+        urls=(
+            "https://www.mydrive.ch/shares/48237/1b9106ccdfbb09a0c414bd49fe44a14a/"
+            "download/430647091-1646842701/mvtec_loco_anomaly_detection.tar.xz",
+        ),
+        archive="mvtec_loco_anomaly_detection.tar.xz",
+        sha256="9e7c84dba550fd2e59d8e9e231c929c45ba737b6b6a6d3814100f54d63aae687",
+        categories=MVTEC_LOCO_CATEGORIES,
+        layout=("<data.root>/<category>/{train/good, validation/good, test/<type>, ground_truth/<type>/<NNN>, "
+                "defects_config.json}"),
+        source="anomalib src/anomalib/data/datasets/image/mvtec_loco.py (DOWNLOAD_INFO, sha256)",
+    ),
+    "mvtec_ad2": DownloadInfo(
+        name="MVTec AD 2",
+        urls=(
+            "https://www.mydrive.ch/shares/150997/701c90d3aea6588f404936e32a674602/"
+            "download/466712769-1743429042/mvtec_ad_2.tar.gz",
+        ),
+        archive="mvtec_ad_2.tar.gz",
+        sha256="c0ded99ef32bfc8e352d52beb44515e5b292b8598cb963aadfa91ca0763505e4",
+        categories=MVTEC_AD2_CATEGORIES,
+        layout=("<data.root>/<category>/{train/good, validation/good, test_public/{good,bad,ground_truth/bad}, "
+                "test_private, test_private_mixed}"),
+        source="anomalib src/anomalib/data/datamodules/image/mvtecad2.py (DOWNLOAD_INFO, sha256)",
+    ),
 }
 
 # One line each: UserError messages are printed on a single line. "<data.root>" is
@@ -179,6 +206,22 @@ MANUAL_STEPS: dict[str, str] = {
         "the licence (CC BY-NC-SA 4.0) and download the whole dataset, mvtec_3d_anomaly_detection.tar.xz; "
         "2) extract it: mkdir -p <data.root> && tar -xJf mvtec_3d_anomaly_detection.tar.xz -C <data.root>, "
         "so that <data.root>/bagel/train/good/rgb exists; 3) set data.root=<data.root>."
+    ),
+    "mvtec_loco": (
+        "MVTec LOCO AD: 1) open https://www.mvtec.com/company/research/datasets/mvtec-loco/downloads, accept the "
+        "licence (CC BY-NC-SA 4.0) and download mvtec_loco_anomaly_detection.tar.xz; 2) extract it: mkdir -p "
+        "<data.root> && tar -xJf mvtec_loco_anomaly_detection.tar.xz -C <data.root>, so that "
+        "<data.root>/juice_bottle/train/good and <data.root>/juice_bottle/defects_config.json exist; 3) set "
+        "data.root=<data.root>. Or put the archive at <data.root>/.download/mvtec_loco_anomaly_detection.tar.xz "
+        "and rerun with data.download=true: it is then verified and extracted for you."
+    ),
+    "mvtec_ad2": (
+        "MVTec AD 2: 1) open https://www.mvtec.com/company/research/datasets/mvtec-ad-2/downloads, accept the "
+        "licence (CC BY-NC-SA 4.0) and download mvtec_ad_2.tar.gz; 2) extract it: mkdir -p <data.root> && tar "
+        "-xzf mvtec_ad_2.tar.gz -C <data.root>, so that <data.root>/vial/train/good and "
+        "<data.root>/vial/test_public exist; 3) set data.root=<data.root>. Or put the archive at "
+        "<data.root>/.download/mvtec_ad_2.tar.gz and rerun with data.download=true: it is then verified and "
+        "extracted for you."
     ),
     "mpdd": (
         "MPDD has no direct download link: 1) open the OneDrive folder linked from "
