@@ -686,3 +686,42 @@ def test_dataset_names_are_matched_loosely(tmp_path):
         (root / category).mkdir(parents=True)
     for spelling in ("MVTec-AD", "mvtec_ad", "mvtec"):
         assert ensure_downloaded(spelling, root, progress=False) == root
+
+
+def _archive_of(folder: Path, mode: str) -> bytes:
+    """``folder``'s content (its category folders at the top) as a tar archive in memory."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode=mode) as tar:
+        for path in sorted(folder.iterdir()):
+            tar.add(path, arcname=path.name)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("dataset, make, category, mode", [
+    ("mvtec_loco", "make_mvtec_loco_folder", "juice_bottle", "w:xz"),
+    ("mvtec_ad2", "make_mvtec_ad2_folder", "vial", "w:gz"),
+])
+def test_loco_and_ad2_download_through_the_data_pipeline(server, tmp_path, monkeypatch, dataset, make, category, mode):
+    import tests.fixtures as fixtures
+    from datasets.build import build_datasets
+
+    state, base = server
+    official = DOWNLOADS[dataset]
+    source = tmp_path / "source"
+    for name in official.categories:  # an archive of every category, as the official one holds
+        getattr(fixtures, make)(source, name, n_train=2, n_good_test=1, n_defect=1)
+    data = _archive_of(source, mode)
+    served = replace(official, urls=(serve(state, base, official.archive, data),),
+                     sha256=hashlib.sha256(data).hexdigest())
+    monkeypatch.setitem(download.DOWNLOADS, dataset, served)
+    root = tmp_path / "root"
+    splits = build_datasets(dataset, root, category, 32, 0.1, seed=0, download=True)
+    assert len(splits.train) == 2 and len(splits.val) == 2 and len(splits.test) >= 2
+    assert state.requests == [(f"/{official.archive}", None)]
+
+    gone = replace(official, urls=(f"{base}/gone/{official.archive}",))
+    monkeypatch.setitem(download.DOWNLOADS, dataset, gone)
+    with pytest.raises(UserError) as caught:
+        build_datasets(dataset, tmp_path / "other", category, 32, 0.1, seed=0, download=True)
+    message = str(caught.value)
+    assert "HTTP 404" in message and official.archive in message and str(tmp_path / "other") in message

@@ -540,14 +540,15 @@ def evaluate_all(
 
 
 def curve_thresholds(sample_scores: ArrayLike, normal: ArrayLike, fpr_limit: float = 0.3,
-                     dense: int = 8000, coarse: int = 2000) -> np.ndarray:
+                     dense: int = 8000, coarse: int = 2000, at_most: int = 2_000_000) -> np.ndarray:
     """Sorted thresholds for :class:`OverlapCurve`, from a sample of the scores (e.g. the anomaly
     maps at the network's resolution) and which of them are normal: ``dense`` normal-score
     quantiles at false-positive rates evenly spread over [0, ``fpr_limit``] (where the areas are
     taken), ``coarse`` quantiles over the rest, and ``coarse`` points evenly spaced from the lowest
-    to the highest score."""
+    to the highest score. Quantiles come from every k-th normal score, at most ``at_most`` of them."""
     scores = _as_scores(sample_scores)
     negatives = scores[_as_binary(normal, "normal").ravel()]
+    negatives = negatives[:: max(1, -(-negatives.size // at_most))]
     if negatives.size == 0 or not np.isfinite(scores).all():
         raise ValueError("curve_thresholds needs finite scores and at least one normal score")
     rates = np.concatenate((np.linspace(0.0, fpr_limit, dense), np.linspace(fpr_limit, 1.0, coarse)))
