@@ -24,7 +24,8 @@ data.root):
   ``<Cat>/train/data/<id>_image_0.png`` and ``<Cat>/test_public/data/<id>_image_0.png`` with
   ``<id>_mask.png`` and ``<id>_metadata.yaml`` (key ``anomalous``: 0/1). Each item has six
   lighting images image_0..image_5; we use image_0 (EYECANDIES_IMAGE_KEY) for every split.
-  test_public is the test set (test_private has no public labels); val/ is not used.
+  test_public is the test set (test_private has no public labels); the normal items of val/ are
+  the validation images.
 - visa: ``split_csv/1cls.csv`` (columns object,split,label,image,mask; paths relative to
   root; label normal/anomaly), i.e. the published one-class split; masks binarised with > 0.
 """
@@ -168,35 +169,47 @@ def _eyecandies_images(folder: Path) -> list[Path]:
     return [p for p in list_images(folder) if p.stem.endswith(suffix)]
 
 
+def _eyecandies_anomalous(data: Path, item_id: str) -> bool:
+    """The ``anomalous`` flag of an Eyecandies item, from ``<id>_metadata.yaml``."""
+    meta_path = data / f"{item_id}_metadata.yaml"
+    try:
+        meta = yaml.safe_load(meta_path.read_text())
+        return bool(int(meta["anomalous"]))
+    except FileNotFoundError:
+        raise UserError(f"Eyecandies metadata {meta_path} is missing; re-extract the category") from None
+    except (yaml.YAMLError, KeyError, TypeError, ValueError):
+        raise UserError(
+            f"Eyecandies metadata {meta_path} has no valid 'anomalous: 0/1' entry; re-extract the category"
+        ) from None
+
+
+def _eyecandies_item_id(image: Path) -> str:
+    return image.stem[: -len(EYECANDIES_IMAGE_KEY) - 1]
+
+
 def index_eyecandies(root: Path, category: str) -> CategoryIndex:
-    """Eyecandies layout (Pipelime underfolders), RGB image_0 only, test_public as test."""
+    """Eyecandies layout (Pipelime underfolders), RGB image_0 only, test_public as test, the
+    normal items of val as validation."""
     cat = root / category
     train_dir = cat / "train" / "data"
     train = [Sample(p, 0) for p in _eyecandies_images(train_dir)]
     if not train:
         raise UserError(f"no *_{EYECANDIES_IMAGE_KEY}.png images in {train_dir}; the category is incomplete, re-extract it")
+    val_dir = cat / "val" / "data"
+    validation = [Sample(p, 0) for p in _eyecandies_images(val_dir)
+                  if not _eyecandies_anomalous(val_dir, _eyecandies_item_id(p))] or None
     data = cat / "test_public" / "data"
     test: list[Sample] = []
     for img in _eyecandies_images(data):
-        item_id = img.stem[: -len(EYECANDIES_IMAGE_KEY) - 1]
-        meta_path = data / f"{item_id}_metadata.yaml"
-        try:
-            meta = yaml.safe_load(meta_path.read_text())
-            anomalous = int(bool(int(meta["anomalous"])))
-        except FileNotFoundError:
-            raise UserError(f"Eyecandies metadata {meta_path} is missing; re-extract the category") from None
-        except (yaml.YAMLError, KeyError, TypeError, ValueError):
-            raise UserError(
-                f"Eyecandies metadata {meta_path} has no valid 'anomalous: 0/1' entry; re-extract the category"
-            ) from None
-        if not anomalous:
+        item_id = _eyecandies_item_id(img)
+        if not _eyecandies_anomalous(data, item_id):
             test.append(Sample(img, 0))
             continue
         mask = find_with_stem(data, f"{item_id}_mask")
         if mask is None:
             raise _missing_mask(img, data / f"{item_id}_mask.png")
         test.append(Sample(img, 1, mask, "anomalous"))
-    return CategoryIndex(train, _nonempty_test(test, data))
+    return CategoryIndex(train, _nonempty_test(test, data), validation)
 
 
 VISA_SPLIT_CSV = Path("split_csv") / "1cls.csv"

@@ -174,13 +174,14 @@ def test_mvtec3d_uses_rgb_only_and_its_official_validation_folder(tmp_path):
 def test_eyecandies_reads_metadata_and_image_0(tmp_path):
     root = make_eyecandies_folder(tmp_path, "GummyBear", n_good_test=3, n_defect=2)
     s = build_datasets("eyecandies", root, "GummyBear", 24, 0.2, seed=0)
-    assert (len(s.train), len(s.val), len(s.test)) == (5, 1, 5)
+    assert (len(s.train), len(s.val), len(s.test)) == (6, 1, 5)  # val/ is the validation slice
     test = all_items(s.test)
     assert [it["label"] for it in test] == [0, 0, 0, 1, 1]
     assert all(it["path"].endswith("_image_0.png") and "/test_public/" in it["path"] for it in test)
     for it in test[3:]:
         assert_pairing(it)  # also proves image_0 was read: the other lights are inverted
-    assert all("/train/" in it["path"] for it in all_items(s.train) + all_items(s.val))
+    assert all("/train/" in it["path"] for it in all_items(s.train))
+    assert all("/val/data/" in it["path"] for it in all_items(s.val))
 
 
 def test_visa_follows_the_csv_split_and_binary_01_masks(tmp_path):
