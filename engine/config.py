@@ -544,8 +544,16 @@ def keys_in_scope(scope: str) -> tuple[str, ...]:
     return tuple(k for k, spec in SCHEMA.items() if spec.scope == scope)
 
 
+# Keys added after runs were first recorded, with the value every earlier run had: a checkpoint or
+# results.json written before a key existed compares as what it was, not as a different run.
+ADDED_KEYS: dict[str, Any] = {"train.compile": "off", "eval.save_maps": False, "eval.submission": None}
+
+
 def config_differences(saved: Mapping[str, Any], current: RunSettings, scope: str = "train") -> list[str]:
     """'key=saved (checkpoint) vs current (now)' for each key of ``scope`` that ``current`` reads
     and that differs from the ``saved`` mapping (a checkpoint's or results.json's)."""
-    return [f"{k}={saved.get(k)!r} (checkpoint) vs {value!r} (now)"
-            for k, value in current.scope(scope).items() if saved.get(k) != value]
+    def was(key: str) -> Any:
+        return saved.get(key, ADDED_KEYS.get(key))
+
+    return [f"{k}={was(k)!r} (checkpoint) vs {value!r} (now)"
+            for k, value in current.scope(scope).items() if was(k) != value]

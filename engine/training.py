@@ -82,6 +82,19 @@ def _diverged(what: str, epoch: int, step: int, finished: int, last_path: Path) 
                      "with train.resume=false, or check the training images")
 
 
+def _load_optimizer(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                    saved: dict, path: Path) -> None:
+    """Restore the optimiser and schedule of an unfinished ``last.pt``. One written before a
+    memory's keys and values became one parameter holds a state per tensor, which cannot continue."""
+    try:
+        optimizer.load_state_dict(saved["optimizer"])
+    except ValueError:
+        raise UserError(f"checkpoint {path} holds an optimiser state for other parameters (written by a version "
+                        "that kept a memory's keys and values apart); finish it with that version, or retrain with "
+                        "train.resume=false") from None
+    scheduler.load_state_dict(saved["scheduler"])
+
+
 def build_optimizer(parameters: list[torch.nn.Parameter], train: TrainSection) -> torch.optim.Optimizer:
     """SGD (STPM recipe) or Adam (RD4AD recipe) as configured."""
     if train.optimizer == "sgd":
@@ -203,11 +216,10 @@ def train(model: MemKD, splits: DatasetSplits, run: Run) -> TrainingState:
         check_fits(saved, last_path, settings, model.teacher_fingerprint, run.data.accepted())
         _check_same_exemplars(saved, last_path, exemplars, exemplar_names)
         load_student(model, saved, last_path)
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
         state = TrainingState(saved["epoch"], saved["best_error"], saved["best_epoch"], saved["train_seconds"],
                               saved["history"])
-        if state.epoch < epochs:
+        if state.epoch < epochs:  # a finished last.pt has nothing left to train: its optimiser is not needed
+            _load_optimizer(optimizer, scheduler, saved, last_path)
             tqdm.write(f"resuming from {last_path} after epoch {state.epoch}")
 
     cache = None

@@ -251,3 +251,14 @@ def test_the_cache_budget_is_a_training_setting():
     config = load_config("st")
     saved = config.replace({"train.cache_budget_mb": 0}).flat()
     assert config_differences(saved, config) == ["train.cache_budget_mb=0 (checkpoint) vs 4096 (now)"]
+
+
+def test_a_record_written_before_a_key_existed_compares_as_it_was():
+    from engine.config import ADDED_KEYS, config_differences
+
+    current = load_config("st")
+    older = {k: v for k, v in current.flat().items() if k not in ADDED_KEYS}
+    assert config_differences(older, current, "train") == [] and config_differences(older, current, "eval") == []
+    compiled = current.replace({"train.compile": "step", "eval.save_maps": True})
+    assert config_differences(older, compiled, "train") == ["train.compile='off' (checkpoint) vs 'step' (now)"]
+    assert config_differences(older, compiled, "eval") == ["eval.save_maps=False (checkpoint) vs True (now)"]

@@ -147,3 +147,16 @@ def test_entropies_are_logged_outside_the_step_and_change_nothing():
     assert all(torch.equal(before[k], v) for k, v in model.student.state_dict().items())
     memory = model.student.memories[0].memory
     assert entropies["exemplar_entropy"] > 0 and normalised_entropy(memory.recall_weights(torch.randn(1, 64, 4, 4))) > 0
+
+
+def test_an_unfinished_checkpoint_with_separate_keys_and_values_cannot_resume_and_says_so(tmp_path):
+    from engine.training import _load_optimizer
+    from utils.errors import UserError
+
+    before = [torch.nn.Parameter(torch.zeros(3, 4)), torch.nn.Parameter(torch.zeros(3, 4))]  # keys, values
+    old = torch.optim.Adam(before)
+    now = torch.optim.Adam([torch.nn.Parameter(torch.zeros(6, 4))])  # rows
+    scheduler = torch.optim.lr_scheduler.LambdaLR(now, lambda epoch: 1.0)
+    saved = {"optimizer": old.state_dict(), "scheduler": scheduler.state_dict()}
+    with pytest.raises(UserError, match="train.resume=false"):
+        _load_optimizer(now, scheduler, saved, tmp_path / "last.pt")
