@@ -1,7 +1,8 @@
 """What evaluation decides about a trained model, kept beside its ``best.pt`` so it can be deployed.
 
 Training writes ``best.pt`` and never touches it again. Each evaluation writes
-``evaluation.json`` beside it: the scoring settings it used (``eval.combine``, ``eval.sigma``),
+``evaluation.json`` beside it: the evaluation settings it used (``eval.combine``, ``eval.sigma``,
+whether it saved the maps; for MVTec AD 2 the segmentation rule and the submission folder),
 the digest of the weights it evaluated (so it can never be paired with another ``best.pt``) and
 the decision thresholds (score units, higher = more anomalous, ``score >= threshold`` means
 anomalous). ``best.pt`` and ``evaluation.json`` together are all ``predict.py`` needs.

@@ -56,7 +56,7 @@ def test_thresholds_are_stored_beside_best_pt_and_in_results_json(trained):
     assert thresholds["map_low"] <= thresholds["pixel_f1_threshold"] <= thresholds["image_f1_threshold"]
     # Evaluation decides outside the checkpoints: it records which weights and scoring it used.
     assert evaluation["checkpoint"] == "best.pt" and evaluation["student_digest"] == best["student_digest"]
-    assert evaluation["scoring"] == {"eval.combine": "product", "eval.sigma": 0.0}
+    assert evaluation["scoring"] == {"eval.combine": "product", "eval.sigma": 0.0, "eval.save_maps": False}
     assert "thresholds" not in best and "thresholds" not in torch.load(run_dir / "last.pt", weights_only=True)
 
 

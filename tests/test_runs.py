@@ -71,7 +71,7 @@ def test_phase_test_rescores_with_other_eval_settings_without_touching_training_
     assert snapshot(folder) == before  # best.pt, last.pt and history.json as training wrote them
     results = json.loads((folder / "results.json").read_text())
     evaluation = json.loads((folder / "evaluation.json").read_text())
-    assert evaluation["scoring"] == {"eval.combine": "sum", "eval.sigma": 4.0}
+    assert evaluation["scoring"] == {"eval.combine": "sum", "eval.sigma": 4.0, "eval.save_maps": False}
     assert results["config"]["eval.combine"] == "sum" and results["pixel_auroc"] != trained["pixel_auroc"]
     # Training facts survive a test-only phase.
     for key in ("train_seconds", "recall_entropy", "exemplar_entropy", "best_epoch"):
