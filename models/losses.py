@@ -80,7 +80,8 @@ def normality_embedding_loss(rebuilt: Tensor, unit_target: Tensor) -> Tensor:
 class _Orthogonality(torch.autograd.Function):
     @staticmethod
     def forward(ctx, unit_keys: Tensor, unit_values: Tensor) -> Tensor:
-        cosines = unit_keys @ unit_values.t()
+        with torch.autocast(unit_keys.device.type, enabled=False):  # the memory's math stays float32
+            cosines = unit_keys @ unit_values.t()
         ctx.save_for_backward(unit_keys, unit_values, cosines)
         flat = cosines.view(-1)
         return torch.dot(flat, flat) / flat.numel()

@@ -53,6 +53,10 @@ class MemKD(nn.Module):
         self.map_settings = map_settings
         self.teacher_fingerprint = teacher_fingerprint
         self.teacher_description = teacher_description
+        # [lambda1/M, lambda2/M] for each of the M memories: a constant that moves with the model.
+        count = max(len(student.memories), 1)
+        self.register_buffer("memory_term_weights", torch.tensor([lambda1 / count, lambda2 / count] * count),
+                             persistent=False)
         self._exemplar_images: Tensor | None = None
         self._exemplar_features: list[Tensor] = []
         self._exemplar_units: list[Tensor | None] = []  # fixed targets as unit rows, None for moving ones
@@ -126,23 +130,13 @@ class MemKD(nn.Module):
                 terms_per_memory += [normality_embedding_loss(rebuilt, target),
                                      orthogonality_loss(memory_read.unit_keys, memory_read.unit_values)]
             # total = kd + lambda1 * mean(nm) + lambda2 * mean(orth) as one product: per step this
-            # is the whole cost of combining the memories' terms.
+            # is the whole cost of combining the memories' terms (dot, which autocast leaves in float32).
             memory_terms = torch.stack(terms_per_memory)
-            total = kd + memory_terms @ self._memory_term_weights(memory_terms)
+            total = kd + torch.dot(memory_terms, self.memory_term_weights)
             with torch.no_grad():
                 terms["nm"], terms["orth"] = memory_terms.view(-1, 2).mean(0).unbind()
         logs = {name: value.detach() for name, value in terms.items()}
         return {"loss": total, **logs}
-
-    def _memory_term_weights(self, like: Tensor) -> Tensor:
-        """[lambda1/M, lambda2/M] repeated for each of the M memories, on ``like``'s device (made
-        once: a constant of the model)."""
-        weights = self.__dict__.get("_term_weights")
-        if weights is None or weights.device != like.device:
-            count = len(self.student.memories)
-            weights = torch.tensor([self.lambda1 / count, self.lambda2 / count] * count, device=like.device)
-            self.__dict__["_term_weights"] = weights
-        return weights
 
     @torch.no_grad()
     def memory_entropies(self) -> dict[str, float]:
