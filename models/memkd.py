@@ -132,7 +132,7 @@ class MemKD(nn.Module):
             # total = kd + lambda1 * mean(nm) + lambda2 * mean(orth) as one product: per step this
             # is the whole cost of combining the memories' terms (dot, which autocast leaves in float32).
             memory_terms = torch.stack(terms_per_memory)
-            total = kd + torch.dot(memory_terms, self.memory_term_weights)
+            total = kd + torch.dot(memory_terms, self.memory_term_weights.to(memory_terms.dtype))
             with torch.no_grad():
                 terms["nm"], terms["orth"] = memory_terms.view(-1, 2).mean(0).unbind()
         logs = {name: value.detach() for name, value in terms.items()}

@@ -212,14 +212,15 @@ def test_both_scripts_train_and_score_loco_with_saved_maps(script, tmp_path):
 
 
 @pytest.mark.slow
-def test_ad2_trains_scores_and_writes_a_submission_predict_and_resume_work(tmp_path, capsys):
+@pytest.mark.parametrize("method", ["st", "rd"])
+def test_ad2_trains_scores_and_writes_a_submission_predict_and_resume_work(method, tmp_path, capsys):
     root = make_mvtec_ad2_folder(tmp_path / "data")
     out, submission = tmp_path / "out", tmp_path / "submission"
     args = run_args("mvtec_ad2", "vial", root, out, f"eval.submission={submission}")
-    assert main("rd", args) == 0
+    assert main(method, args) == 0
     printed = capsys.readouterr().out
     assert "AUPRO5" in printed and "SegF1" in printed
-    run = out / "memkd-rd" / "mvtec_ad2" / "vial"
+    run = out / f"memkd-{method}" / "mvtec_ad2" / "vial"
     results = json.loads((run / "results.json").read_text())
     thresholds = json.loads((run / "evaluation.json").read_text())["thresholds"]
     assert results["seg_threshold"] == thresholds["seg_threshold"]
@@ -235,7 +236,7 @@ def test_ad2_trains_scores_and_writes_a_submission_predict_and_resume_work(tmp_p
             threshold = thresholds["seg_threshold"]
             differ = (png == 255) != (tiff.astype(np.float64) > threshold)
             assert np.all(np.abs(tiff[differ].astype(np.float64) - threshold) <= 1e-3 * abs(threshold))
-    assert main("rd", args) == 0  # finished: reused, not retrained
+    assert main(method, args) == 0  # finished: reused, not retrained
     assert "reusing the finished run" in capsys.readouterr().out
     result = subprocess.run([sys.executable, "predict.py", f"checkpoint={run / 'best.pt'}",
                              f"input={root / 'vial' / 'test_private'}", f"output={tmp_path / 'predicted'}"],
