@@ -178,24 +178,29 @@ def image_to_tensor(img: Image.Image, image_size: int) -> torch.Tensor:
     return normalise(resize_rgb(img, image_size))
 
 
-def load_mask(path: str | Path, image_size: int, nonzero: bool = False) -> np.ndarray:
-    """Load a ground-truth mask as an ``image_size`` x ``image_size`` uint8 array of 0/1.
+def load_mask_at_own_size(path: str | Path, nonzero: bool = False) -> np.ndarray:
+    """A ground-truth mask at its own resolution as a bool array (True = defect).
 
     8-bit masks (L, P, RGB, ...) are converted to grayscale and a pixel is a defect when its
     value is > 127, or > 0 when ``nonzero`` is set (VisA stores 0/255 or 0/1). 1-bit, 16-bit,
     32-bit and float masks always use > 0: zero is background in every convention, while their
-    foreground value varies. Binarised at full resolution, then resized NEAREST, so the result
-    is exactly binary.
+    foreground value varies.
     """
     img = _read(path, decode=True)
     if img.mode == "1" or img.mode in _WIDE_MODES:
-        fg = np.asarray(img) > 0
-    else:
-        try:
-            grey = np.asarray(img.convert("L"))
-        except ValueError as exc:
-            raise UserError(f"cannot read mask {path} (mode {img.mode}: {exc}); save it as an 8-bit PNG with 0/255") from None
-        fg = grey > (0 if nonzero else 127)
+        return np.asarray(img) > 0
+    try:
+        grey = np.asarray(img.convert("L"))
+    except ValueError as exc:
+        raise UserError(f"cannot read mask {path} (mode {img.mode}: {exc}); save it as an 8-bit PNG with 0/255") from None
+    return grey > (0 if nonzero else 127)
+
+
+def load_mask(path: str | Path, image_size: int, nonzero: bool = False) -> np.ndarray:
+    """Load a ground-truth mask as an ``image_size`` x ``image_size`` uint8 array of 0/1, binarised
+    as :func:`load_mask_at_own_size` says at full resolution, then resized NEAREST, so the result
+    is exactly binary."""
+    fg = load_mask_at_own_size(path, nonzero)
     binary = Image.fromarray(fg.astype(np.uint8) * 255, mode="L")
     resized = binary.resize((image_size, image_size), Image.Resampling.NEAREST)
     return (np.asarray(resized) > 127).astype(np.uint8)

@@ -18,7 +18,6 @@ memory does not grow with the benchmark's pixels.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -26,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from datasets.images import image_size_of, load_mask_values
+from datasets.images import image_size_of, load_mask_at_own_size, load_mask_values
 from datasets.layouts import LOCO_ANOMALY_TYPES, SaturationRule
 from datasets.samples import Sample
 from utils.errors import UserError
@@ -51,10 +50,10 @@ def full_resolution(anomaly_map: torch.Tensor, size: tuple[int, int]) -> np.ndar
                          align_corners=False)[0, 0].numpy()
 
 
-def full_resolution_maps(samples: Sequence[Sample], maps: torch.Tensor) -> Iterator[tuple[int, Sample, np.ndarray]]:
-    """``(index, sample, map at its ground truth's size)`` for every sample, one at a time."""
-    for index, sample in enumerate(samples):
-        yield index, sample, full_resolution(maps[index], truth_size(sample))
+def full_resolution_maps(samples: Sequence[Sample], maps: torch.Tensor) -> Iterator[tuple[Sample, np.ndarray]]:
+    """``(sample, its map at its ground truth's size)`` for every sample, one at a time."""
+    for sample, anomaly_map in zip(samples, maps):
+        yield sample, full_resolution(anomaly_map, truth_size(sample))
 
 
 def _thresholds(maps: torch.Tensor, masks: torch.Tensor, extra: Sequence[float] = ()) -> np.ndarray:
@@ -90,7 +89,7 @@ def loco_metrics(samples: Sequence[Sample], maps: torch.Tensor, masks: torch.Ten
     curves = {kind: OverlapCurve(thresholds) for kind in LOCO_KINDS}
     every_image = OverlapCurve(thresholds)
     kind_of = {folder: kind for kind, folder in LOCO_KINDS.items()}
-    for _, sample, scores in full_resolution_maps(samples, maps):
+    for sample, scores in full_resolution_maps(samples, maps):
         if sink is not None:
             sink(sample, scores)
         if sample.label == 0:
@@ -121,7 +120,7 @@ def normal_pixel_threshold(samples: Sequence[Sample], maps: torch.Tensor, sigmas
     """Mean + ``sigmas`` standard deviations of the pixel scores of ``maps`` (normal images) at
     their images' resolution: MVTec AD 2's suggested baseline threshold, from validation only."""
     total = total_sq = count = 0.0
-    for _, _, scores in full_resolution_maps(samples, maps):
+    for _, scores in full_resolution_maps(samples, maps):
         values = scores.astype(np.float64)
         total += values.sum()
         total_sq += np.square(values).sum()
@@ -133,21 +132,16 @@ def normal_pixel_threshold(samples: Sequence[Sample], maps: torch.Tensor, sigmas
     return float(mean + sigmas * np.sqrt(max(total_sq / count - mean * mean, 0.0)))
 
 
-def binary_truth(path: Path) -> np.ndarray:
-    """A mask at its own resolution as bool: > 127 for 8-bit masks, > 0 otherwise."""
-    values = load_mask_values(path)
-    return values > (127 if values.dtype == np.uint8 else 0)
-
-
 def ad2_metrics(samples: Sequence[Sample], maps: torch.Tensor, masks: torch.Tensor, seg_threshold: float,
                 sink: MapSink | None = None) -> dict[str, float]:
     """MVTec AD 2's pixel metrics of test_public (see the module docstring)."""
     curve = OverlapCurve(_thresholds(maps, masks, [seg_threshold]))
     eight_connected = np.ones((3, 3), dtype=bool)
-    for _, sample, scores in full_resolution_maps(samples, maps):
+    for sample, scores in full_resolution_maps(samples, maps):
         if sink is not None:
             sink(sample, scores)
-        anomalous = binary_truth(sample.mask) if sample.mask is not None else np.zeros(scores.shape, dtype=bool)
+        anomalous = (load_mask_at_own_size(sample.mask, sample.mask_nonzero) if sample.mask is not None
+                     else np.zeros(scores.shape, dtype=bool))
         if anomalous.shape != scores.shape:
             raise UserError(f"mask {sample.mask} is not the size of its image {sample.image}; restore it from the archive")
         labels, count = ndimage.label(anomalous, structure=eight_connected)

@@ -78,10 +78,8 @@ def evaluate(model: MemKD, splits: DatasetSplits, run: Run) -> tuple[dict[str, f
         rules = loco_saturation_rules(Path(settings.data.root).expanduser(), run.category)
         metrics.update(loco_metrics(samples, test["maps"], test["masks"], scores, rules, sink))
     elif splits.scoring == "ad2":
-        if validation is None:
-            raise UserError("MVTec AD 2's segmentation threshold needs the validation images; the category's "
-                            "validation/good folder is empty")
-        metrics["seg_threshold"] = normal_pixel_threshold(splits.val.samples, validation["maps"],
+        val_maps = validation["maps"] if validation is not None else torch.empty(0, 0, 0)
+        metrics["seg_threshold"] = normal_pixel_threshold(splits.val.samples, val_maps,
                                                           settings.eval.seg_threshold_sigmas)
         metrics.update(ad2_metrics(samples, test["maps"], test["masks"], metrics["seg_threshold"], sink))
     elif sink is not None:

@@ -161,17 +161,19 @@ class NormalityMemory(nn.Module):
         with torch.autocast(unit_targets.device.type, enabled=False):
             return read(unit_targets, memory_read.unit_values, memory_read.values, self.temperature)
 
+    def _weights(self, unit_queries: Tensor, rows: Tensor) -> Tensor:
+        return torch.softmax(unit_queries @ F.normalize(rows.float(), dim=1).t() / self.temperature, dim=-1)
+
     @torch.no_grad()
     def recall_weights(self, features: Tensor) -> Tensor:
         """The weights [B*H*W, L] :meth:`recall` puts on each key for ``features`` [B, C, H, W]
         (for logging; row b*H*W + y*W + x is position (b, y, x))."""
-        queries = F.normalize(positions(features.float()), dim=1)
-        return torch.softmax(queries @ F.normalize(self.keys.float(), dim=1).t() / self.temperature, dim=-1)
+        return self._weights(F.normalize(positions(features.float()), dim=1), self.keys)
 
     @torch.no_grad()
     def rebuild_weights(self, unit_targets: Tensor) -> Tensor:
         """The weights [S, L] :meth:`rebuild` puts on each value for ``unit_targets`` [S, C] (for logging)."""
-        return torch.softmax(unit_targets @ F.normalize(self.values.float(), dim=1).t() / self.temperature, dim=-1)
+        return self._weights(unit_targets, self.values)
 
 
 def normalised_entropy(weights: Tensor) -> Tensor:
