@@ -65,6 +65,8 @@ def evaluate(model: MemKD, splits: DatasetSplits, run: Run) -> tuple[dict[str, f
     test map the metrics used is written (engine/map_files.py)."""
     settings, device = run.settings, run.device
     test = anomaly_maps(model, splits.test, settings, device)
+    if not bool(torch.isfinite(test["maps"]).all()):  # metrics and thresholds of nan maps would be noise
+        raise UserError(f"{run.folder / 'best.pt'} gives non-finite anomaly maps; retrain with train.resume=false")
     scores = image_scores(test["maps"])
     metrics = evaluate_all(scores, test["labels"], test["maps"], test["masks"], test["has_mask"])
     validation = None
@@ -116,8 +118,6 @@ def evaluate_checkpoint(model: MemKD, splits: DatasetSplits, run: Run) -> tuple[
     if settings.eval.submission is not None:
         tqdm.write(f"submission: {write_submission(model, splits, run, metrics['seg_threshold'])}")
     metrics["eval_seconds"] = round(time.perf_counter() - started, 2)
-    if not bool(torch.isfinite(test["maps"]).all()):  # metrics and thresholds of nan maps would be noise
-        raise UserError(f"{best_path} gives non-finite anomaly maps; retrain with train.resume=false")
     thresholds = thresholds_from(metrics, test["maps"])
     write_evaluation(best_path, best, settings.scope("eval"), thresholds)
     started = time.perf_counter()

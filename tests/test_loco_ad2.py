@@ -281,3 +281,21 @@ def test_the_memory_ablation_and_export_work_on_loco(tmp_path):
                               cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert exported.returncode == 0, exported.stderr[-2000:]
     assert (tmp_path / "loco.onnx").is_file()
+
+
+def test_non_finite_maps_stop_evaluation_before_any_metric(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import engine.evaluation as evaluation
+    from engine.config import load_config
+
+    root = make_mvtec_loco_folder(tmp_path)
+    splits = build_datasets("mvtec_loco", root, "juice_bottle", 32, 0.1, seed=0)
+    nan_maps = torch.full((len(splits.test), 32, 32), float("nan"))
+    monkeypatch.setattr(evaluation, "anomaly_maps", lambda *args, **kwargs: {
+        "maps": nan_maps, "masks": torch.zeros_like(nan_maps), "labels": torch.zeros(len(nan_maps), dtype=torch.long),
+        "has_mask": torch.ones(len(nan_maps), dtype=torch.bool)})
+    run = SimpleNamespace(settings=load_config("st", ["data.dataset=mvtec_loco", f"data.root={root}"]),
+                          device=torch.device("cpu"), folder=tmp_path / "run", category="juice_bottle")
+    with pytest.raises(UserError, match="gives non-finite anomaly maps"):
+        evaluation.evaluate(None, splits, run)
