@@ -113,3 +113,18 @@ def test_zero_or_more_than_there_are_keeps_the_split_whole(tmp_path, count):
     source = make_mvtec_folder(tmp_path / "src", "widget", n_train=6, n_good_test=2, n_defect=2) / "widget"
     n_train, n_test = make_subset(source, tmp_path / "subset" / "widget", train_images=count, test_images=count)
     assert (n_train, n_test) == (6, 4)
+
+
+def test_the_study_sum_uses_each_recipes_backbone_batch_and_epochs():
+    """gpu_speed.py's GPU-minutes: per method, epochs x training images (less the validation slice)
+    at its training rate, the validation slice every epoch and the test set at its evaluation rate."""
+    from benchmarks.gpu_speed import MVTEC_TEST_IMAGES, MVTEC_TRAIN_IMAGES, Row, study_minutes
+
+    rows = [Row("resnet18", "st", memory, False, "off", 32, train, 1000.0) for memory, train in ((False, 2000.0),
+                                                                                             (True, 1000.0))]
+    rows += [Row("wide_resnet50_2", "rd", memory, False, "off", 16, 500.0, 500.0) for memory in (False, True)]
+    total, parts = study_minutes(rows, "off", ["st", "rd"])
+    st = (100 * MVTEC_TRAIN_IMAGES * 0.9 / 2000 + 100 * MVTEC_TRAIN_IMAGES * 0.1 / 1000 + MVTEC_TEST_IMAGES / 1000) / 60
+    assert parts[0] == f"STPM {st:.1f}" and len(parts) == 4
+    assert study_minutes(rows[:3], "off", ["st", "rd"]) is None  # a recipe's row missing: no sum
+    assert total > 0
